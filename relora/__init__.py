@@ -1,0 +1,44 @@
+"""ReLoRA: high-rank training through low-rank updates (Lialin et al., ICLR 2024).
+
+Pure PyTorch, usable from any training loop; see README.md for a worked loop.
+"""
+
+from relora.layers import (
+    LLAMA_TARGET_MODULES,
+    ReLoRALinear,
+    adapter_parameters,
+    merge_and_reinit,
+    relora_layers,
+    unwrap,
+    wrap,
+)
+from relora.models import MODEL_SHAPES, build_model, model_config
+from relora.optim import param_groups, reset_optimizer_state
+from relora.rank import effective_weights, update_rank, update_ranks
+from relora.recipe import METHODS, ReLoRAConfig
+from relora.schedule import cosine_envelope, jagged_cosine, jagged_cosine_scheduler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLAMA_TARGET_MODULES",
+    "METHODS",
+    "MODEL_SHAPES",
+    "ReLoRAConfig",
+    "ReLoRALinear",
+    "adapter_parameters",
+    "build_model",
+    "cosine_envelope",
+    "effective_weights",
+    "jagged_cosine",
+    "jagged_cosine_scheduler",
+    "merge_and_reinit",
+    "model_config",
+    "param_groups",
+    "relora_layers",
+    "reset_optimizer_state",
+    "unwrap",
+    "update_rank",
+    "update_ranks",
+    "wrap",
+]

@@ -1,0 +1,244 @@
+"""LoRA adapters that can be merged into their base weight and restarted.
+
+A ``ReLoRALinear`` computes ``x @ W.T + b + s * (dropout(x) @ A.T) @ B.T`` with the
+base ``W`` (and ``b``) frozen and ``A`` (r x in), ``B`` (out x r) trainable. A restart
+folds ``s * B @ A`` into ``W`` and starts a fresh adapter, so that a sequence of rank-r
+updates adds up to a high-rank one (Lialin et al., 2024).
+
+Two details that peer implementations get wrong and that silently ruin training:
+``A`` is random and ``B`` is zero (never both zero, else no adapter learns), and the
+merge includes the scale ``s`` (else the merged model is not the trained one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Attention and MLP projections of a Hugging Face Llama. Embeddings, norms and
+# lm_head are left alone and keep training full-rank, as in the paper.
+LLAMA_TARGET_MODULES: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
+class ReLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``s * B @ A``.
+
+    ``weight`` and ``bias`` keep the names ``nn.Linear`` gives them, so state dicts
+    and DeepSpeed see the same base parameters before and after wrapping.
+    With ``trainable_scaling`` the scale ``s`` is a learned scalar, initialised to
+    ``alpha / rank``; merges leave it as it is, so its gradient never dies.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = True,
+        trainable_scaling: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_adapter_args(rank=rank, alpha=alpha, dropout=dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.alpha = alpha
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
+        # No dropout module at all when p == 0: nn.Dropout(0) would still copy x.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if trainable_scaling:
+            self.scaling = nn.Parameter(torch.tensor(alpha / rank, **factory))
+        else:
+            self.register_buffer("scaling", torch.tensor(alpha / rank, **factory), persistent=False)
+        self.reset_base()
+        self.reset_adapter()
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        trainable_scaling: bool = False,
+    ) -> ReLoRALinear:
+        """Wrap ``linear``, sharing its weight and bias tensors (no copy)."""
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            bias=linear.bias is not None,
+            trainable_scaling=trainable_scaling,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        layer.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        return layer
+
+    @torch.no_grad()
+    def reset_base(self) -> None:
+        """Initialise W and b as ``nn.Linear`` does (``from_linear`` replaces them)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.bias.uniform_(-bound, bound)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: torch.Generator | None = None) -> None:
+        """A ~ Kaiming-uniform (as ``nn.Linear`` and peft), B = 0: the update starts at zero
+        but B's gradient does not, so the adapter learns from the first step."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r, in) matrix
+        self.lora_A.uniform_(-bound, bound, generator=generator)
+        self.lora_B.zero_()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s * B @ A`` that a merge would add to ``weight``, in float32."""
+        return self.scaling.detach().float() * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+
+    @torch.no_grad()
+    def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:
+        """W += s * B @ A, then restart the adapter. The layer's output is unchanged.
+
+        The sum is formed in float32 and checked before it is written (a "safe merge"):
+        a non-finite adapter raises instead of corrupting the base weight.
+        """
+        merged = self.weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise ValueError("merge_and_reinit: the adapter holds NaN or inf; the base weight was left untouched")
+        self.weight.copy_(merged)
+        self.reset_adapter(generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = F.linear(x, self.weight, self.bias)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
+        return base + self.scaling * update
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def _check_adapter_args(*, rank: int, alpha: float, dropout: float) -> None:
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be positive, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def wrap(
+    model: nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = LLAMA_TARGET_MODULES,
+    trainable_scaling: bool = False,
+) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` whose name ends with one of ``target_modules``.
+
+    Only the adapters train inside the wrapped layers; every other parameter keeps its
+    ``requires_grad`` (embeddings, norms and lm_head stay trainable). Returns ``model``,
+    which computes exactly what it did before.
+    """
+    _check_adapter_args(rank=rank, alpha=alpha, dropout=dropout)
+    if isinstance(target_modules, str):
+        target_modules = (target_modules,)
+    found = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, target_modules)
+    ]
+    if not found:
+        raise ValueError(f"target_modules {list(target_modules)} matched no nn.Linear in {type(model).__name__}")
+    for name, linear in found:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = ReLoRALinear.from_linear(
+            linear, rank=rank, alpha=alpha, dropout=dropout, trainable_scaling=trainable_scaling
+        )
+        setattr(parent, child_name, layer)
+    return model
+
+
+def relora_layers(model: nn.Module) -> Iterator[tuple[str, ReLoRALinear]]:
+    """The wrapped layers of ``model``, with their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, ReLoRALinear):
+            yield name, module
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The adapter parameters (A, B and any trainable scale): the ones a restart resets."""
+    params: list[nn.Parameter] = []
+    for _, layer in relora_layers(model):
+        params += [layer.lora_A, layer.lora_B]
+        if isinstance(layer.scaling, nn.Parameter):
+            params.append(layer.scaling)
+    return params
+
+
+def merge_and_reinit(model: nn.Module, generator: torch.Generator | None = None) -> int:
+    """Merge every adapter into its base weight and restart it; returns how many layers merged.
+
+    In data-parallel training pass a ``generator`` seeded the same on every rank, so that
+    the new ``A`` matrices, and thus the weights, stay identical across ranks.
+    """
+    count = 0
+    for _, layer in relora_layers(model):
+        layer.merge_and_reinit(generator)
+        count += 1
+    return count
+
+
+@torch.no_grad()
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge the adapters and put plain ``nn.Linear`` layers back, in place.
+
+    The result is a model of its original class with no trace of ``relora``: its state
+    dict has the original keys, so ``save_pretrained`` writes a standard checkpoint.
+    """
+    for name, layer in list(relora_layers(model)):
+        linear = nn.Linear(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        linear.weight.copy_(layer.weight.float() + layer.delta_weight())
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, linear)
+    return model

@@ -1,0 +1,76 @@
+"""When to wrap, merge and reset: one config drives full-rank, LoRA and ReLoRA alike.
+
+A run is ``total_steps`` optimizer steps. The first ``warm_start_steps`` train the
+whole model (full-rank warm start); then, unless ``method`` is ``"full"``, the target
+layers are wrapped with adapters. With ``method="relora"`` every multiple of
+``restart_every`` after that is a restart: merge, re-initialise, partially reset the
+adapters' optimizer state, and (with ``jagged``) re-warm the learning rate.
+Baselines are the same loop with fewer events, so comparisons are fair by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from relora.layers import LLAMA_TARGET_MODULES, _check_adapter_args
+from relora.optim import RESET_METHODS
+
+METHODS = ("full", "lora", "relora")
+
+
+@dataclass(frozen=True)
+class ReLoRAConfig:
+    """The method's hyperparameters. Validated on construction; errors name the field."""
+
+    method: str = "relora"
+    rank: int = 128
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_TARGET_MODULES
+    trainable_scaling: bool = False
+    warm_start_steps: int = 0
+    restart_every: int = 1000
+    restart_warmup_steps: int = 50
+    reset_ratio: float = 0.99
+    reset_method: str = "magnitude"
+    jagged: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        _check_adapter_args(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        if self.warm_start_steps < 0:
+            raise ValueError(f"warm_start_steps must be non-negative, got {self.warm_start_steps!r}")
+        if self.restart_every <= 0:
+            raise ValueError(f"restart_every must be positive, got {self.restart_every!r}")
+        if not 0 < self.restart_warmup_steps < self.restart_every:
+            raise ValueError(
+                f"restart_warmup_steps must lie in (0, restart_every={self.restart_every}), "
+                f"got {self.restart_warmup_steps!r}"
+            )
+        if not 0.0 <= self.reset_ratio <= 1.0:
+            raise ValueError(f"reset_ratio must lie in [0, 1], got {self.reset_ratio!r}")
+        if self.reset_method not in RESET_METHODS:
+            raise ValueError(f"reset_method must be one of {RESET_METHODS}, got {self.reset_method!r}")
+
+    @property
+    def low_rank(self) -> bool:
+        return self.method != "full"
+
+    def wraps_at(self, step: int) -> bool:
+        """Whether the adapters go in before optimizer step ``step`` (0-based)."""
+        return self.low_rank and step == self.warm_start_steps
+
+    def restarts_at(self, step: int) -> bool:
+        """Whether a merge-and-reset happens before optimizer step ``step``."""
+        return self.method == "relora" and step > self.warm_start_steps and step % self.restart_every == 0
+
+    def restart_steps(self, total_steps: int) -> list[int]:
+        return [s for s in range(total_steps) if self.restarts_at(s)]
+
+    @property
+    def lr_restart_every(self) -> int | None:
+        """The ``restart_every`` to give ``jagged_cosine``: None where the LR should not jag."""
+        return self.restart_every if self.method == "relora" and self.jagged else None

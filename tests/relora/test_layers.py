@@ -1,0 +1,187 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import relora
+from relora import ReLoRALinear
+
+
+def _lm_loss(model, batch):
+    logits = model(batch[:, :-1]).logits
+    return nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def test_init_A_random_B_zero():
+    layer = ReLoRALinear(32, 16, rank=4, alpha=8)
+    assert layer.lora_A.shape == (4, 32) and layer.lora_B.shape == (16, 4)
+    assert layer.lora_A.abs().sum() > 0, "A must be random, or no adapter ever learns"
+    assert torch.all(layer.lora_B == 0)
+    assert layer.lora_A.abs().max() <= 1 / 32**0.5  # Kaiming-uniform bound for fan_in = 32
+    assert not layer.weight.requires_grad and not layer.bias.requires_grad
+    assert layer.lora_A.requires_grad and layer.lora_B.requires_grad
+
+
+def test_forward_matches_formula_with_bias():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10, bias=True)
+    layer = ReLoRALinear.from_linear(linear, rank=3, alpha=6)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    expected = x @ linear.weight.T + linear.bias + (6 / 3) * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_wrap_is_exact_and_targets_attention_and_mlp(tiny_llama, token_batch):
+    before = tiny_llama(token_batch).logits
+    relora.wrap(tiny_llama, rank=4, alpha=8)
+    assert torch.equal(tiny_llama(token_batch).logits, before)
+    wrapped = dict(relora.relora_layers(tiny_llama))
+    assert len(wrapped) == 2 * 7
+    assert {name.rsplit(".", 1)[1] for name in wrapped} == set(relora.LLAMA_TARGET_MODULES)
+    trainable = {n for n, p in tiny_llama.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in trainable and "lm_head.weight" in trainable
+    assert "model.norm.weight" in trainable and "model.layers.0.input_layernorm.weight" in trainable
+    assert "model.layers.0.self_attn.q_proj.weight" not in trainable
+    assert "model.layers.0.self_attn.q_proj.lora_A" in trainable
+
+
+def test_wrap_custom_targets(tiny_llama):
+    relora.wrap(tiny_llama, rank=2, alpha=2, target_modules=["q_proj", "v_proj"])
+    assert {n.rsplit(".", 1)[1] for n, _ in relora.relora_layers(tiny_llama)} == {"q_proj", "v_proj"}
+
+
+def test_adapters_get_gradients_on_the_first_step(tiny_llama, token_batch):
+    relora.wrap(tiny_llama, rank=4, alpha=8)
+    _lm_loss(tiny_llama, token_batch).backward()
+    layers = [layer for _, layer in relora.relora_layers(tiny_llama)]
+    # B = 0 means dL/dA = 0 at step one, but dL/dB = s * (dL/dy)^T (A x) is not.
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in layers)
+    assert all(layer.weight.grad is None for layer in layers)
+    optimizer = torch.optim.AdamW(relora.param_groups(tiny_llama), lr=1e-2)
+    optimizer.step()
+    optimizer.zero_grad()
+    _lm_loss(tiny_llama, token_batch).backward()
+    assert all(layer.lora_A.grad.abs().sum() > 0 for layer in layers)
+
+
+def _train_adapters(model, batch, steps=3):
+    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=1e-2)
+    for _ in range(steps):
+        _lm_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_merge_keeps_output_and_includes_scale(tiny_llama, token_batch):
+    relora.wrap(tiny_llama, rank=4, alpha=32)  # s = 8: a merge without s would show
+    _train_adapters(tiny_llama, token_batch)
+    layer = tiny_llama.model.layers[0].self_attn.q_proj
+    expected_weight = layer.weight.detach().clone() + 8.0 * layer.lora_B.detach() @ layer.lora_A.detach()
+    old_A = layer.lora_A.detach().clone()
+    with torch.no_grad():
+        before = tiny_llama(token_batch).logits
+        assert relora.merge_and_reinit(tiny_llama) == 14
+        after = tiny_llama(token_batch).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight.detach(), expected_weight)
+    assert torch.all(layer.lora_B == 0)
+    assert layer.lora_A.abs().sum() > 0 and not torch.equal(layer.lora_A, old_A)
+
+
+def test_merge_refuses_a_non_finite_adapter():
+    layer = ReLoRALinear(8, 8, rank=2, alpha=2)
+    weight = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B.fill_(float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.merge_and_reinit()
+    assert torch.equal(layer.weight, weight)
+
+
+def test_reinit_is_reproducible_with_a_seeded_generator(tiny_llama):
+    import copy
+
+    relora.wrap(tiny_llama, rank=4, alpha=8)
+    other = copy.deepcopy(tiny_llama)
+    relora.merge_and_reinit(tiny_llama, generator=torch.Generator().manual_seed(7))
+    relora.merge_and_reinit(other, generator=torch.Generator().manual_seed(7))
+    for (_, a), (_, b) in zip(relora.relora_layers(tiny_llama), relora.relora_layers(other), strict=True):
+        assert torch.equal(a.lora_A, b.lora_A)
+
+
+def test_trainable_scaling_keeps_its_gradient_after_a_merge(tiny_llama, token_batch):
+    relora.wrap(tiny_llama, rank=4, alpha=8, trainable_scaling=True)
+    layers = [layer for _, layer in relora.relora_layers(tiny_llama)]
+    optimizer = _train_adapters(tiny_llama, token_batch)
+    relora.merge_and_reinit(tiny_llama)
+    assert all(layer.scaling.item() != 0 for layer in layers), "a merge must not zero the scale"
+    for _ in range(2):  # B is zero right after the merge; one step later the scale has a gradient again
+        optimizer.zero_grad()
+        _lm_loss(tiny_llama, token_batch).backward()
+        optimizer.step()
+    assert all(layer.lora_B.grad.abs().sum() > 0 for layer in layers)
+    assert all(layer.scaling.grad.abs() > 0 for layer in layers)
+
+
+def test_unwrap_round_trips_through_auto_model_in_a_fresh_python(tiny_llama, token_batch, tmp_path):
+    relora.wrap(tiny_llama, rank=4, alpha=8)
+    _train_adapters(tiny_llama, token_batch)
+    with torch.no_grad():
+        expected = tiny_llama(token_batch).logits
+    model = relora.unwrap(tiny_llama)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert not any("relora" in type(m).__module__ for m in model.modules())
+    assert not any("lora" in name for name in model.state_dict())
+    assert all(p.requires_grad for p in model.parameters())
+    model.save_pretrained(tmp_path / "merged")
+    torch.save({"batch": token_batch, "logits": expected}, tmp_path / "expected.pt")
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with torch.no_grad():
+            logits = model(expected["batch"]).logits
+        torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
+        assert not any(name.startswith("relora") for name in sys.modules), "relora was imported"
+        print("LOADED", type(model).__name__)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "LOADED LlamaForCausalLM" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"rank": 0, "alpha": 1}, "rank"),
+        ({"rank": -2, "alpha": 1}, "rank"),
+        ({"rank": 4, "alpha": 0}, "alpha"),
+        ({"rank": 4, "alpha": 8, "dropout": 1.5}, "dropout"),
+        ({"rank": 4, "alpha": 8, "target_modules": ["no_such_proj"]}, "target_modules"),
+    ],
+)
+def test_wrap_rejects_bad_arguments(tiny_llama, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        relora.wrap(tiny_llama, **kwargs)
+
+
+def test_dropout_applies_only_to_the_adapter_path():
+    layer = ReLoRALinear(16, 16, rank=4, alpha=4, dropout=0.5)
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    assert isinstance(ReLoRALinear(16, 16, rank=4, alpha=4).lora_dropout, nn.Identity)
+    x = torch.randn(4, 16)
+    layer.train()
+    # B = 0, so the output is the base path alone, whatever dropout does to the adapter input.
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
