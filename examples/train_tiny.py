@@ -129,7 +129,8 @@ def main() -> None:
     if args.cfg.low_rank:
         ranks = relora.update_ranks(model, start_weights)
         print(
-            f"update rank since the switch: max {max(ranks.values())} across {len(ranks)} layers (adapter rank {args.cfg.rank})"
+            f"update rank since the switch: max {max(ranks.values())} across {len(ranks)} layers "
+            f"(adapter rank {args.cfg.rank})"
         )
 
 
