@@ -45,18 +45,31 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _prune_(tensor: torch.Tensor, ratio: float, method: str, generator: torch.Generator | None) -> None:
-    flat = tensor.view(-1)
-    k = round(ratio * flat.numel())
+def _prune_(state: dict, ratio: float, method: str, generator: torch.Generator | None) -> None:
+    """Zero the same ``ratio`` of entries in every moment of one state.
+
+    One mask for both moments, chosen by ``|exp_avg|`` (or at random). Pruning each moment
+    by its own magnitude, as the reference code does, leaves entries whose ``exp_avg``
+    survives while ``exp_avg_sq`` is zeroed; Adam then divides an old momentum by a fresh
+    tiny second moment and takes a huge step. On a tiny LLaMA that made a 0.99 reset
+    raise the loss from 2.15 to 3.15, where a full reset did not raise it at all.
+    """
+    moments = [state[key].view(-1) for key in MOMENT_KEYS if key in state]
+    if not moments:
+        return
+    n = moments[0].numel()
+    k = round(ratio * n)
     if k == 0:
         return
-    if k >= flat.numel():
-        flat.zero_()
+    if k >= n:
+        index = slice(None)
     elif method == "magnitude":
-        # Zero exactly the k entries of smallest magnitude (ties broken by index).
-        flat[flat.abs().topk(k, largest=False, sorted=False).indices] = 0
+        # The k entries of smallest momentum magnitude (ties broken by index).
+        index = moments[0].abs().topk(k, largest=False, sorted=False).indices
     else:
-        flat[torch.randperm(flat.numel(), generator=generator, device=flat.device)[:k]] = 0
+        index = torch.randperm(n, generator=generator, device=moments[0].device)[:k]
+    for moment in moments:
+        moment[index] = 0
 
 
 def _zero_flat_states(optimizer, params: set[int]) -> list[dict]:
@@ -96,10 +109,11 @@ def reset_optimizer_state(
     method: str = "magnitude",
     generator: torch.Generator | None = None,
 ) -> float:
-    """Zero ``ratio`` of each Adam moment (``exp_avg``, ``exp_avg_sq``) of ``params``.
+    """Zero ``ratio`` of the entries of the Adam moments (``exp_avg``, ``exp_avg_sq``) of ``params``.
 
-    ``method="magnitude"`` zeroes the smallest entries, ``"random"`` a uniform random
-    subset; ``ratio=1.0`` is a full reset. The step counts and the state of every other
+    ``method="magnitude"`` zeroes the entries of smallest momentum ``|exp_avg|``,
+    ``"random"`` a uniform random subset; both moments are zeroed at the same entries.
+    ``ratio=1.0`` is a full reset. The step counts and the state of every other
     parameter are left as they are. Works on ``torch.optim`` optimizers and on DeepSpeed
     ZeRO 1/2/3 optimizers (see the module docstring). Returns the fraction of the pruned
     moment entries that are zero afterwards (local to this rank under ZeRO).
@@ -115,11 +129,8 @@ def reset_optimizer_state(
         states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if id(p) in param_ids]
     zeros = total = 0
     for state in states:
-        for key in MOMENT_KEYS:
-            moment = state.get(key)
-            if moment is None:
-                continue
-            _prune_(moment, ratio, method, generator)
+        _prune_(state, ratio, method, generator)
+        for moment in (state[key] for key in MOMENT_KEYS if key in state):
             zeros += int((moment == 0).sum())
             total += moment.numel()
     return zeros / total if total else 0.0

@@ -83,3 +83,14 @@ def test_bad_arguments(wrapped, kwargs, name):
     model, optimizer = wrapped
     with pytest.raises(ValueError, match=name):
         relora.reset_optimizer_state(optimizer, relora.adapter_parameters(model), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_both_moments_are_pruned_at_the_same_entries(wrapped, method):
+    # A surviving exp_avg over a zeroed exp_avg_sq makes Adam take a huge step.
+    model, optimizer = wrapped
+    adapters = relora.adapter_parameters(model)
+    relora.reset_optimizer_state(optimizer, adapters, ratio=0.9, method=method)
+    for p in adapters:
+        m, v = optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]
+        assert torch.equal(m == 0, v == 0)
