@@ -1,0 +1,127 @@
+"""One trial without a sweep: `python -m orchestrator.train CONFIG.yaml`.
+
+Checks the config, prepares (or reuses) the tokenized data, then runs a Ray Train
+`TorchTrainer` whose workers run `orchestrator.worker`. Running the same config again
+resumes the run from its last checkpoint (Ray Train restores a run by its storage path
+and name); `--fresh` starts over under a new name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.config import ConfigError, TrialConfig, config_to_dict, load_config
+from orchestrator.data import PreparedData, prepare_data
+
+log = logging.getLogger("orchestrator.train")
+
+
+def init_ray(address: str | None, cfg: TrialConfig) -> None:
+    """Join a cluster, or start a local Ray sized for this trial.
+
+    A local Ray declares at least one logical CPU more than the workers take. Logical
+    CPUs are scheduling slots, not cores: the Train controller needs one of its own, and
+    on a 2-core machine declaring only the physical cores leaves a new worker group
+    waiting forever for the slots of the one before it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def make_trainer(
+    cfg: TrialConfig,
+    data: PreparedData,
+    *,
+    name: str | None = None,
+    storage_path: str | None = None,
+    crash: dict | None = None,
+):
+    """The `TorchTrainer` for one trial: N DeepSpeed workers, checkpoints, retries.
+
+    ``crash`` is for fault-tolerance tests only (see `Worker.run`)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.worker import train_loop_per_worker
+
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    storage = storage_path or cfg.run.storage_path
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": config_to_dict(cfg), "data": dataclasses.asdict(data), "crash": crash},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name or cfg.run.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+
+
+def read_history(checkpoint_path: str) -> list[dict]:
+    """Every report of a run, from the `history.jsonl` its workers keep in each checkpoint."""
+    return [json.loads(line) for line in (Path(checkpoint_path) / "history.jsonl").read_text().splitlines()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="trial config YAML (see README.md for every key)")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming a run of the same name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+
+    data = prepare_data(cfg.data)
+    print(
+        f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks of {data.seq_len} tokens "
+        f"({'cache hit' if data.cache_hit else 'prepared'}) at {data.path}"
+    )
+    init_ray(args.address, cfg)
+    name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else cfg.run.name
+    result = make_trainer(cfg, data, name=name).fit()
+    if result.error:
+        print(f"trial failed: {result.error}", file=sys.stderr)
+        return 1
+    final = result.metrics
+    if final.get("stop_reason"):
+        print(f"trial stopped: {final['stop_reason']}", file=sys.stderr)
+        return 1
+    print(f"done: final val loss {final['final_val_loss']:.4f}, val ppl {final['final_val_ppl']:.2f}")
+    print(f"merged checkpoint (load with AutoModelForCausalLM.from_pretrained): {result.checkpoint.path}/merged")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

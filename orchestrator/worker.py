@@ -1,0 +1,337 @@
+"""The per-worker training loop: a DeepSpeed ZeRO engine running the ReLoRA recipe.
+
+Ray Train runs `train_loop_per_worker` on every worker with torch.distributed already
+set up (gloo on CPUs, nccl on GPUs). The loop, top to bottom:
+
+    restore (or start)  ->  for each step: [wrap | restart]  ->  train step
+                             -> report (loss, lr, tokens/s) -> eval -> checkpoint
+                        ->  final eval, merged checkpoint
+
+A restart is `relora.merge_and_reinit` with a generator seeded by (seed, step), so every
+rank draws the same new adapters; then DeepSpeed's fp32 master copy of the adapters is
+overwritten with them (else its next step would undo the re-init), then the partial
+optimizer reset on the adapters' own ZeRO partition.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import relora
+from orchestrator.config import TrialConfig, config_from_dict
+from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks
+
+HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
+META = "meta.json"  # where the run stands: step, phase, restart count
+START_WEIGHTS = "start_weights.pt"  # W at the switch to low rank, for the update rank
+DS_TAG = "deepspeed"
+
+
+def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict:
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Worker:
+    """One rank of one trial. Plain attributes, one method per stage of the loop."""
+
+    def __init__(self, cfg: TrialConfig, data: PreparedData, report_fn) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.report_fn = report_fn
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = self.device or torch.device("cpu")
+        precision = cfg.deepspeed.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
+        blocks = load_blocks(data.path)
+        self.train_blocks, self.val_blocks = blocks[TRAIN], blocks[VALIDATION]
+        self.sampler = ShardSampler(len(self.train_blocks), rank=self.rank, world_size=self.world_size, seed=cfg.seed)
+        self.samples_per_step = cfg.train.micro_batch_size * cfg.grad_accum_steps  # per worker
+        torch.manual_seed(cfg.seed)  # the same initial model on every rank
+        self.model = relora.build_model(
+            cfg.model.name, vocab_size=data.vocab_size, max_position_embeddings=data.seq_len
+        ).to(self.device)
+        self.engine = None
+        self.step = 0
+        self.restarts = 0
+        self.history: list[dict] = []
+        self.start_weights: dict[str, torch.Tensor] | None = None
+
+    # --- engine ----------------------------------------------------------------------
+
+    def build_engine(self) -> None:
+        """(Re-)create the DeepSpeed engine for the current set of trainable parameters.
+
+        The switch from the full-rank warm start to low rank changes which parameters
+        train, and a ZeRO optimizer's flat partitions are fixed at creation, so the
+        switch re-creates the engine (and the optimizer, as the paper's warm start does).
+        """
+        import deepspeed
+
+        self.release_engine()
+        c = self.cfg
+        optimizer = torch.optim.AdamW(
+            relora.param_groups(self.model, weight_decay=c.optim.weight_decay), lr=c.optim.lr, betas=c.optim.betas
+        )
+        for group in optimizer.param_groups:
+            group["initial_lr"] = c.optim.lr
+        scheduler = relora.jagged_cosine_scheduler(
+            optimizer,
+            total_steps=c.train.total_steps,
+            warmup_steps=c.optim.warmup_steps,
+            restart_every=c.relora.lr_restart_every,
+            restart_warmup_steps=c.relora.restart_warmup_steps,
+            min_lr_ratio=c.optim.min_lr_ratio,
+            last_epoch=self.step - 1,
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(c, bf16=self.bf16)
+        )
+
+    def release_engine(self) -> None:
+        """Free the old engine: `destroy()` leaves its forward hooks on the module."""
+        if self.engine is None:
+            return
+        self.engine.destroy()
+        for hook in ("module_forward_pre_hook", "module_forward_post_hook"):
+            if getattr(self.engine, hook, None) is not None:
+                getattr(self.engine, hook).remove()
+                setattr(self.engine, hook, None)
+        self.engine = None
+        gc.collect()
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    # --- phases ----------------------------------------------------------------------
+
+    def switch_to_low_rank(self) -> None:
+        r = self.cfg.relora
+        relora.wrap(
+            self.model,
+            rank=r.rank,
+            alpha=r.alpha,
+            dropout=r.dropout,
+            target_modules=r.target_modules,
+            trainable_scaling=r.trainable_scaling,
+        )
+        self.model.to(self.device)
+        self.start_weights = {k: v.cpu() for k, v in relora.effective_weights(self.model).items()}
+        self.build_engine()
+
+    @torch.no_grad()
+    def restart(self) -> dict:
+        """Merge, re-init (same draw on every rank), sync the fp32 masters, prune the moments."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        r = self.cfg.relora
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        merged = relora.merge_and_reinit(self.model, generator=generator)
+        adapters = relora.adapter_parameters(self.model)
+        for p in adapters:
+            safe_set_full_fp32_param(p, p.detach().float())
+        zeroed = relora.reset_optimizer_state(
+            self.engine.optimizer, adapters, ratio=r.reset_ratio, method=r.reset_method
+        )
+        zeroed_all = torch.tensor([zeroed], dtype=torch.float64)
+        dist.all_reduce(zeroed_all)
+        self.restarts += 1
+        event = {
+            "event": "restart",
+            "at_step": self.step,
+            "restarts": self.restarts,
+            "merged_layers": merged,
+            "reset_fraction": zeroed_all.item() / self.world_size,
+            "weights_in_sync": self.weights_in_sync(),
+        }
+        if self.rank == 0:  # the SVDs once, not on every rank: Ray Train keeps rank 0's metrics
+            ranks = relora.update_ranks(self.model, self.start_weights, threshold=self.cfg.train.update_rank_threshold)
+            event["update_rank_max"] = max(ranks.values())
+            event["update_rank_mean"] = sum(ranks.values()) / len(ranks)
+            event.update({f"update_rank/{name}": value for name, value in ranks.items()})
+        return event
+
+    def weights_in_sync(self) -> bool:
+        """Whether every rank holds bit-identical weights (a float64 checksum of all of them)."""
+        checksum = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in self.model.parameters())])
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
+        dist.all_gather(gathered, checksum)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
+
+    # --- steps and evals -------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimizer step over this worker's next samples; returns the mean loss over all workers."""
+        indices = self.sampler.indices(self.step * self.samples_per_step, self.samples_per_step)
+        batch = self.train_blocks[indices]["input_ids"].to(self.device)
+        losses = []
+        for micro in batch.split(self.cfg.train.micro_batch_size):
+            loss = self.engine(input_ids=micro, labels=micro).loss
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed steps the optimizer and LR at the accumulation boundary
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean().reshape(1).cpu()
+        dist.all_reduce(mean)
+        return mean.item() / self.world_size
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted validation loss over the first `eval_blocks` blocks, split across workers."""
+        count = (
+            len(self.val_blocks)
+            if not self.cfg.train.eval_blocks
+            else min(self.cfg.train.eval_blocks, len(self.val_blocks))
+        )
+        mine = list(range(self.rank, count, self.world_size))
+        totals = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        for start in range(0, len(mine), self.cfg.train.micro_batch_size):
+            ids = self.val_blocks[mine[start : start + self.cfg.train.micro_batch_size]]["input_ids"].to(self.device)
+            logits = self.engine(input_ids=ids).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            totals[0] += torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), reduction="sum"
+            ).item()
+            totals[1] += targets.numel()
+        self.engine.train()
+        dist.all_reduce(totals)
+        val_loss = (totals[0] / totals[1]).item()
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+    # --- checkpoints -----------------------------------------------------------------
+
+    def report(self, metrics: dict, *, checkpoint: bool = False, extra_files: dict | None = None) -> None:
+        metrics = {"step": self.step, **metrics}
+        self.history.append(metrics)
+        if not checkpoint:
+            self.report_fn(metrics, None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.engine is not None:
+                meta = {"step": self.step, "low_rank": self.start_weights is not None, "restarts": self.restarts}
+                self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state=meta)
+                if self.rank == 0 and self.start_weights is not None:
+                    torch.save(self.start_weights, Path(tmp) / START_WEIGHTS)
+                if self.rank == 0:
+                    (Path(tmp) / META).write_text(json.dumps(meta))
+            if self.rank == 0:
+                (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
+                for name, writer in (extra_files or {}).items():
+                    writer(Path(tmp) / name)
+            self.report_fn(metrics, tmp)
+
+    def restore(self, checkpoint_dir: str) -> None:
+        """Continue from a checkpoint: same phase, same engine state, same sample."""
+        meta = json.loads((Path(checkpoint_dir) / META).read_text())
+        self.step, self.restarts = meta["step"], meta["restarts"]
+        self.history = [json.loads(line) for line in (Path(checkpoint_dir) / HISTORY).read_text().splitlines()]
+        if meta["low_rank"]:
+            self.switch_to_low_rank()  # wraps and builds the low-rank engine; weights come next
+            self.start_weights = torch.load(Path(checkpoint_dir) / START_WEIGHTS)
+        else:
+            self.build_engine()
+        self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(self, checkpoint_dir: str | None, crash: dict | None = None) -> None:
+        """Train to the end. ``crash`` ({"step", "marker"}) kills rank 1 once at that step: the
+        fault-tolerance tests use it to stand for a lost worker."""
+        c = self.cfg
+        if checkpoint_dir:
+            self.restore(checkpoint_dir)
+        else:
+            self.build_engine()
+            self.report({"event": "start", "lr": self.lr, **self.evaluate()})
+        tokens_per_step = c.train.global_batch_size * self.data.seq_len
+        while self.step < c.train.total_steps:
+            event: dict = {}
+            if c.relora.wraps_at(self.step):
+                self.switch_to_low_rank()
+                event = {
+                    "event": "switch",
+                    "at_step": self.step,
+                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                }
+            elif c.relora.restarts_at(self.step):
+                event = self.restart()
+            if crash and self.step == crash["step"] and self.rank == 1 and not os.path.exists(crash["marker"]):
+                Path(crash["marker"]).touch()
+                os._exit(1)
+            lr = self.lr
+            started = time.perf_counter()
+            loss = self.train_step()
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            if not math.isfinite(loss):
+                # Stop, but do not raise: a retry from the last checkpoint would diverge the same way.
+                self.report(
+                    {"train_loss": loss, "stop_reason": f"non-finite training loss ({loss}) at step {self.step}"}
+                )
+                return
+            metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
+            if self.step % c.train.eval_every == 0 or self.step == c.train.total_steps:
+                metrics.update(self.evaluate())
+            if event or metrics.keys() & {"val_loss"} or self.step % c.train.log_every == 0:
+                save = self.step % c.train.checkpoint_every == 0 and self.step < c.train.total_steps
+                self.report(metrics, checkpoint=save)
+        self.finish()
+
+    def finish(self) -> None:
+        """The merged checkpoint: adapters folded in, a plain HF model plus its tokenizer."""
+        final = self.history[-1]
+        self.release_engine()
+        model = relora.unwrap(self.model).to(torch.float32)
+
+        def write_merged(path: Path) -> None:
+            from transformers import AutoTokenizer
+
+            model.save_pretrained(path, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.data.tokenizer_path).save_pretrained(path)
+
+        summary = {"event": "done", "final_val_loss": final.get("val_loss"), "final_val_ppl": final.get("val_ppl")}
+        self.report(summary, checkpoint=True, extra_files={"merged": write_merged})
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` holds the trial config and the prepared data."""
+    import ray.train
+
+    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # DeepSpeed asserts on it
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    cfg = config_from_dict(config["trial"])
+    data = PreparedData(**config["data"])
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    checkpoint = ray.train.get_checkpoint()
+    worker = Worker(cfg, data, report)
+    if checkpoint is None:
+        worker.run(None, crash=config.get("crash"))
+    else:
+        with checkpoint.as_directory() as checkpoint_dir:
+            worker.run(checkpoint_dir, crash=config.get("crash"))

@@ -1,0 +1,53 @@
+"""Fixtures for the orchestrator: real text, a prepared Arrow cache, a local Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def trial_dict(tmp_path: Path, **overrides) -> dict:
+    """A tiny ReLoRA trial on tinyshakespeare: warm start 20, restarts at 40 and 60, 70 steps."""
+    cfg = {
+        "seed": 0,
+        "model": {"name": "llama-tiny"},
+        "data": {"source": "file", "paths": [str(SHAKESPEARE)], "seq_len": 64, "cache_dir": str(tmp_path / "data")},
+        "relora": {"method": "relora", "rank": 4, "alpha": 8, "warm_start_steps": 20, "restart_every": 20,
+                   "restart_warmup_steps": 5, "reset_ratio": 0.99},
+        "optim": {"lr": 0.003, "warmup_steps": 5},
+        "train": {"total_steps": 70, "global_batch_size": 16, "micro_batch_size": 4, "eval_every": 10,
+                  "eval_blocks": 64, "checkpoint_every": 10, "log_every": 5},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2},
+        "run": {"name": "trial", "storage_path": str(tmp_path / "runs"), "max_failures": 0},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    return cfg
+
+
+@pytest.fixture
+def make_trial(shakespeare, tmp_path):
+    """``make_trial(**{"section__key": value})``: the test trial as a dict, with overrides."""
+    return lambda **overrides: trial_dict(tmp_path, **overrides)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is missing")
+    return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    import ray
+
+    # Logical CPUs are scheduling slots: 2 workers + the Train controller, with room to spare.
+    ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()

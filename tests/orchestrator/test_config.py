@@ -1,0 +1,88 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError, config_from_dict, load_config
+
+
+
+def test_the_test_trial_is_valid(make_trial, tmp_path):
+    cfg = config_from_dict(make_trial())
+    assert cfg.grad_accum_steps == 2  # 16 / (4 * 2)
+    assert cfg.relora.restart_steps(cfg.train.total_steps) == [40, 60]
+
+
+def _with(make_trial, section, key, value):
+    data = make_trial()
+    data[section][key] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "path"),
+    [
+        ("train", "totl_steps", 5, "train.totl_steps"),
+        ("train", "total_steps", "many", "train.total_steps"),
+        ("train", "total_steps", 0, "train.total_steps"),
+        ("relora", "rank", 0, "relora.rank"),
+        ("relora", "restart_warmup_steps", 20, "relora.restart_warmup_steps"),
+        ("relora", "warm_start_steps", 70, "relora.warm_start_steps"),
+        ("relora", "reset_ratio", 1.5, "relora.reset_ratio"),
+        ("relora", "method", "qlora", "relora.method"),
+        ("train", "global_batch_size", 12, "train.global_batch_size"),
+        ("model", "name", "llama-7b", "model.name"),
+        ("data", "paths", ["/no/such/file.txt"], "data.paths[0]"),
+        ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage"),
+        ("deepspeed", "zero_stage", 3, "deepspeed.zero_stage"),
+        ("optim", "betas", [0.9], "optim.betas"),
+        ("scaling", "use_gpu", "yes", "scaling.use_gpu"),
+    ],
+)
+def test_bad_values_name_their_dotted_path(make_trial, tmp_path, section, key, value, path):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(_with(make_trial, section, key, value))
+    assert error.value.path == path
+    assert str(error.value).startswith(path + ":")
+
+
+def test_stage_3_is_refused_with_the_reason(make_trial, tmp_path):
+    with pytest.raises(ConfigError, match="stage 3 is refused: a ReLoRA restart rewrites"):
+        config_from_dict(_with(make_trial, "deepspeed", "zero_stage", 3))
+
+
+def test_unknown_section_and_search_block(make_trial, tmp_path):
+    with pytest.raises(ConfigError, match="^trainer: unknown key"):
+        config_from_dict({**make_trial(), "trainer": {}})
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({**make_trial(), "search": {}}))
+    with pytest.raises(ConfigError, match="^search:"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "path"),
+    [
+        ("relora", "restart_warmup_steps", 25, "relora.restart_warmup_steps"),
+        ("relora", "warm_start_steps", 100, "relora.warm_start_steps"),
+        ("train", "bogus", 1, "train.bogus"),
+        ("train", "total_steps", "ten", "train.total_steps"),
+    ],
+)
+def test_cli_exits_with_one_line_before_ray_starts(make_trial, tmp_path, section, key, value, path):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(_with(make_trial, section, key, value)))
+    probe = (
+        "import sys, runpy\n"
+        "sys.argv = ['orchestrator.train', sys.argv[1]]\n"
+        "try:\n"
+        "    runpy.run_module('orchestrator.train', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert 'ray' not in sys.modules, 'Ray was imported before the config was checked'\n"
+        "    raise\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {path}:"), out.stderr
