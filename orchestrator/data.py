@@ -235,7 +235,9 @@ def prepare_data(cfg: DataConfig, *, num_proc: int | None = None) -> PreparedDat
             lambda b: {"input_ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]},
             batched=True,
             remove_columns=["text"],
-            num_proc=num_proc if len(part) > 1000 else None,
+            # Forked tokenizer processes pay off only on large corpora. Prepare before
+            # `ray.init`: a fork after it has left the driver's gRPC link to Ray hung.
+            num_proc=num_proc if len(part) > 50_000 else None,
             desc=f"tokenizing {name}",
         )
         packed[name] = ids.map(

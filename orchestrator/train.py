@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     init_ray(args.address, cfg)
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else cfg.run.name
-    result = make_trainer(cfg, data, name=name).fit()
-    if result.error:
-        print(f"trial failed: {result.error}", file=sys.stderr)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = make_trainer(cfg, data, name=name).fit()
+    except TrainingFailedError as error:  # out of retries; running the command again resumes
+        print(f"trial failed: {error}", file=sys.stderr)
         return 1
     final = result.metrics
     if final.get("stop_reason"):

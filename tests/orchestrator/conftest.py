@@ -9,17 +9,36 @@ import pytest
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
 
-def trial_dict(tmp_path: Path, **overrides) -> dict:
+def trial_dict(tmp_path: Path, data_cache: Path | None = None, **overrides) -> dict:
     """A tiny ReLoRA trial on tinyshakespeare: warm start 20, restarts at 40 and 60, 70 steps."""
     cfg = {
         "seed": 0,
         "model": {"name": "llama-tiny"},
-        "data": {"source": "file", "paths": [str(SHAKESPEARE)], "seq_len": 64, "cache_dir": str(tmp_path / "data")},
-        "relora": {"method": "relora", "rank": 4, "alpha": 8, "warm_start_steps": 20, "restart_every": 20,
-                   "restart_warmup_steps": 5, "reset_ratio": 0.99},
+        "data": {
+            "source": "file",
+            "paths": [str(SHAKESPEARE)],
+            "seq_len": 64,
+            "cache_dir": str(data_cache or tmp_path / "data"),
+        },
+        "relora": {
+            "method": "relora",
+            "rank": 4,
+            "alpha": 8,
+            "warm_start_steps": 20,
+            "restart_every": 20,
+            "restart_warmup_steps": 5,
+            "reset_ratio": 0.99,
+        },
         "optim": {"lr": 0.003, "warmup_steps": 5},
-        "train": {"total_steps": 70, "global_batch_size": 16, "micro_batch_size": 4, "eval_every": 10,
-                  "eval_blocks": 64, "checkpoint_every": 10, "log_every": 5},
+        "train": {
+            "total_steps": 70,
+            "global_batch_size": 16,
+            "micro_batch_size": 4,
+            "eval_every": 10,
+            "eval_blocks": 64,
+            "checkpoint_every": 10,
+            "log_every": 5,
+        },
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2},
         "run": {"name": "trial", "storage_path": str(tmp_path / "runs"), "max_failures": 0},
@@ -31,9 +50,20 @@ def trial_dict(tmp_path: Path, **overrides) -> dict:
 
 
 @pytest.fixture
-def make_trial(shakespeare, tmp_path):
+def make_trial(shakespeare, tmp_path, data_cache):
     """``make_trial(**{"section__key": value})``: the test trial as a dict, with overrides."""
-    return lambda **overrides: trial_dict(tmp_path, **overrides)
+    return lambda **overrides: trial_dict(tmp_path, data_cache, **overrides)
+
+
+@pytest.fixture(scope="session")
+def data_cache(shakespeare, tmp_path_factory) -> Path:
+    """The test trial's tokenized data, prepared once per session and before Ray starts."""
+    from orchestrator.config import config_from_dict
+    from orchestrator.data import prepare_data
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    prepare_data(config_from_dict(trial_dict(cache, cache)).data)
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +74,7 @@ def shakespeare() -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
+def local_ray(data_cache):
     import ray
 
     # Logical CPUs are scheduling slots: 2 workers + the Train controller, with room to spare.

@@ -7,7 +7,6 @@ import yaml
 from orchestrator.config import ConfigError, config_from_dict, load_config
 
 
-
 def test_the_test_trial_is_valid(make_trial, tmp_path):
     cfg = config_from_dict(make_trial())
     assert cfg.grad_accum_steps == 2  # 16 / (4 * 2)

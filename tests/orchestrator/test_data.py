@@ -8,7 +8,9 @@ from orchestrator.data import ShardSampler, builtin_documents, load_blocks, prep
 
 
 def _cfg(tmp_path, shakespeare, **kw):
-    return DataConfig(**{"source": "file", "paths": [str(shakespeare)], "seq_len": 64, "cache_dir": str(tmp_path), **kw})
+    return DataConfig(
+        **{"source": "file", "paths": [str(shakespeare)], "seq_len": 64, "cache_dir": str(tmp_path), **kw}
+    )
 
 
 def test_second_preparation_is_a_cache_hit_without_tokenizing(tmp_path, shakespeare, monkeypatch):

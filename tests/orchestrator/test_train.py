@@ -1,0 +1,120 @@
+"""One trial end to end: a real Ray Train TorchTrainer, 2 CPU workers, DeepSpeed ZeRO, real text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from orchestrator.config import config_from_dict
+from orchestrator.data import load_blocks, prepare_data
+from orchestrator.train import make_trainer, read_history
+
+
+def run_trial(trial: dict, *, name: str = "trial", crash: dict | None = None):
+    cfg = config_from_dict(trial)
+    data = prepare_data(cfg.data)
+    try:
+        result = make_trainer(cfg, data, name=name, crash=crash).fit()
+    except Exception as error:  # Ray Train raises when the worker group runs out of retries
+        return cfg, data, None, error
+    return cfg, data, result, result.error
+
+
+def events(history: list[dict], kind: str) -> list[dict]:
+    return [h for h in history if h.get("event") == kind]
+
+
+def merged_val_loss(path: str, data, blocks: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = load_blocks(data.path)["validation"][:blocks]["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
+@pytest.fixture(scope="module")
+def zero2_run(local_ray, tmp_path_factory, data_cache):
+    from conftest import trial_dict
+
+    return run_trial(trial_dict(tmp_path_factory.mktemp("zero2"), data_cache))
+
+
+def check_recipe(cfg, data, result, error):
+    assert error is None, error
+    history = read_history(result.checkpoint.path)
+    start, done = history[0], history[-1]
+    assert start["event"] == "start" and done["event"] == "done"
+
+    # Warm start, then the switch to low rank, then two restarts at the configured steps.
+    assert [e["at_step"] for e in events(history, "switch")] == [20]
+    restarts = events(history, "restart")
+    assert [e["at_step"] for e in restarts] == [40, 60]
+    assert all(e["merged_layers"] == 14 for e in restarts)
+    assert all(abs(e["reset_fraction"] - 0.99) <= 0.02 for e in restarts), "two optimizer resets of 99%"
+    assert all(e["weights_in_sync"] for e in restarts), "ranks must hold identical weights after a merge"
+
+    # The LR drops to zero at each restart, after being positive just before it.
+    lr = {h["step"] - 1: h["lr"] for h in history if "lr" in h}  # the LR of step (n - 1)
+    for e in restarts:
+        before = max(step for step in lr if step < e["at_step"])
+        assert lr[e["at_step"]] == 0.0 and lr[before] > 0.0
+
+    # The restarts took the update past the adapter rank.
+    assert restarts[-1]["update_rank_max"] > cfg.relora.rank
+
+    # Validation perplexity fell well below where it started.
+    assert done["final_val_ppl"] < 0.2 * start["val_ppl"]
+
+    # The merged checkpoint is a plain HF model that reproduces the final validation loss.
+    merged = f"{result.checkpoint.path}/merged"
+    reproduced = merged_val_loss(merged, data, cfg.train.eval_blocks)
+    assert abs(reproduced - done["final_val_loss"]) <= 0.01 * done["final_val_loss"]
+    return history
+
+
+def test_zero2_trial_runs_the_full_recipe(zero2_run):
+    check_recipe(*zero2_run)
+
+
+def test_zero1_trial_runs_the_full_recipe(local_ray, make_trial):
+    check_recipe(*run_trial(make_trial(deepspeed__zero_stage=1)))
+
+
+def _losses(history: list[dict]) -> dict[int, float]:
+    return {h["step"]: h["train_loss"] for h in history if "train_loss" in h}
+
+
+def assert_same_run(history: list[dict], reference: list[dict]) -> None:
+    steps = [h["step"] for h in history if "train_loss" in h]
+    assert len(steps) == len(set(steps)), "a resumed run must not repeat reports"
+    ours, theirs = _losses(history), _losses(reference)
+    assert ours.keys() == theirs.keys()
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], abs=1e-4), f"loss differs at step {step}"
+    assert [e["at_step"] for e in events(history, "restart")] == [40, 60], "merges are not double-counted"
+    assert events(history, "restart")[-1]["restarts"] == 2
+
+
+def test_killed_run_resumes_where_it_stopped(zero2_run, local_ray, make_trial, tmp_path):
+    reference = read_history(zero2_run[2].checkpoint.path)
+    trial = make_trial()
+    marker = tmp_path / "crashed"
+    # A worker dies at step 45, after the checkpoint at 40; no retries: the run fails.
+    _, _, _, error = run_trial(trial, name="killed", crash={"step": 45, "marker": str(marker)})
+    assert error is not None and marker.exists()
+    # Running it again resumes from the step-40 checkpoint and finishes the same run.
+    cfg, data, result, error = run_trial(trial, name="killed")
+    assert error is None, error
+    history = read_history(result.checkpoint.path)
+    assert_same_run(history, reference)
+    assert history[-1]["final_val_loss"] == pytest.approx(reference[-1]["final_val_loss"], abs=1e-4)
+
+
+def test_lost_worker_is_recovered_by_ray_train(zero2_run, local_ray, make_trial, tmp_path):
+    reference = read_history(zero2_run[2].checkpoint.path)
+    marker = tmp_path / "crashed"
+    cfg, data, result, error = run_trial(make_trial(run__max_failures=1), crash={"step": 45, "marker": str(marker)})
+    assert error is None, error
+    assert marker.exists(), "the worker was killed once"
+    assert_same_run(read_history(result.checkpoint.path), reference)
