@@ -260,6 +260,7 @@ class Worker:
         c = self.cfg
         if checkpoint_dir:
             self.restore(checkpoint_dir)
+            self.report({"event": "resume", "from_step": self.step})
         else:
             self.build_engine()
             self.report({"event": "start", "lr": self.lr, **self.evaluate()})

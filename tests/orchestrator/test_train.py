@@ -86,6 +86,8 @@ def _losses(history: list[dict]) -> dict[int, float]:
 
 
 def assert_same_run(history: list[dict], reference: list[dict]) -> None:
+    resumes = events(history, "resume")
+    assert len(resumes) == 1 and 20 <= resumes[0]["from_step"] <= 45, "it must resume from a checkpoint, not restart"
     steps = [h["step"] for h in history if "train_loss" in h]
     assert len(steps) == len(set(steps)), "a resumed run must not repeat reports"
     ours, theirs = _losses(history), _losses(reference)
