@@ -122,6 +122,8 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
         relora.reset_optimizer_state(zero_optimizer, relora.adapter_parameters(model), ratio=0.99)
 
     measure(args, method, device, step, restart, zero_optimizer, model, world_size=args.workers, out=out, rank=rank)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # exiting with the group alive aborts on gloo
 
 
 def measure(args, method, device, step, restart, optimizer, model, *, world_size, out: Path, rank: int = 0) -> None:
