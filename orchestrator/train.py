@@ -50,6 +50,7 @@ def make_trainer(
     name: str | None = None,
     storage_path: str | None = None,
     crash: dict | None = None,
+    callbacks: list | None = None,
 ):
     """The `TorchTrainer` for one trial: N DeepSpeed workers, checkpoints, retries.
 
@@ -81,6 +82,7 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             worker_runtime_env={"env_vars": env},
+            callbacks=callbacks or [],
         ),
     )
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def corpus_section() -> dict:
+    """tinyshakespeare from ../shared when it is there, else the built-in CPython corpus."""
+    if SHAKESPEARE.is_file():
+        return {"source": "file", "paths": [str(SHAKESPEARE)]}
+    return {"source": "builtin"}
 
 
 def trial_dict(tmp_path: Path, data_cache: Path | None = None, **overrides) -> dict:
@@ -68,9 +76,14 @@ def data_cache(shakespeare, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shakespeare() -> Path:
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} is missing")
-    return SHAKESPEARE
+    """A real text file: tinyshakespeare, or the built-in corpus written out once."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE
+    from orchestrator.data import builtin_documents
+
+    path = Path(tempfile.mkdtemp()) / "cpython-docs.txt"
+    path.write_text("\n\n".join(d.replace("\n\n", "\n") for d in builtin_documents()))
+    return path
 
 
 @pytest.fixture(scope="session")

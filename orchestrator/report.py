@@ -1,0 +1,114 @@
+"""The end of a sweep: a summary table, plots on the parent run, the best model registered.
+
+Everything is read back from MLflow, so a resumed sweep reports on all its trials,
+including those that finished before the interruption.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG  # noqa: E402
+
+
+def trial_rows(client: MlflowClient, experiment_id: str, sweep_name: str, swept: list[str], metric: str) -> list[dict]:
+    """One row per child run: trial id, swept values, status, best metric and its curve."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.{SWEEP_TAG} = '{sweep_name}' and tags.sweep_role != 'parent'"
+    )
+    rows = []
+    for run in runs:
+        if TRIAL_ID_TAG not in run.data.tags:
+            continue
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
+        values = [v for _, v in curve if math.isfinite(v)]
+        rows.append(
+            {
+                "trial": run.data.tags[TRIAL_ID_TAG],
+                "run_id": run.info.run_id,
+                "params": {p: run.data.params.get(p) for p in swept},
+                "status": run.data.tags.get("status", "unknown"),
+                "reason": run.data.tags.get("stop_reason", ""),
+                "best": min(values) if values else math.nan,
+                "curve": curve,
+            }
+        )
+    return sorted(rows, key=lambda r: r["trial"])
+
+
+def summary_table(rows: list[dict], swept: list[str], metric: str) -> str:
+    header = ["trial", *swept, f"best {metric}", "status"]
+    lines = [header] + [[r["trial"], *(str(r["params"][p]) for p in swept), f"{r['best']:.3f}", r["status"]] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text)
+
+
+def _number(value: str | None) -> float | str | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def log_plots(client: MlflowClient, parent_id: str, rows: list[dict], swept: list[str], metric: str) -> list[str]:
+    """Curves of all trials on one chart, and the best metric against each swept parameter."""
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in rows:
+            if r["curve"]:
+                steps, values = zip(*r["curve"], strict=True)
+                label = ", ".join(f"{p.rsplit('.', 1)[-1]}={r['params'][p]}" for p in swept) or r["trial"]
+                ax.plot(steps, values, marker="o", markersize=3, label=f"{label} ({r['status']})")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.set_yscale("log")
+        ax.set_title(f"{metric} of every trial")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        names.append(f"{metric}_curves.png")
+        fig.savefig(Path(tmp, names[-1]), dpi=120)
+        plt.close(fig)
+        for param in swept:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            points = [(_number(r["params"][param]), r["best"], r["status"]) for r in rows if math.isfinite(r["best"])]
+            for status, marker in (("completed", "o"), ("early-stopped", "x"), ("errored", "s")):
+                chosen = [(x, y) for x, y, s in points if s == status]
+                if chosen:
+                    ax.scatter(*zip(*chosen, strict=True), marker=marker, label=status)
+            ax.set_xlabel(param)
+            ax.set_ylabel(f"best {metric}")
+            if param.endswith("lr"):
+                ax.set_xscale("log")
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            names.append(f"{metric}_vs_{param}.png")
+            fig.savefig(Path(tmp, names[-1]), dpi=120)
+            plt.close(fig)
+        client.log_artifacts(parent_id, tmp, "plots")
+    return names
+
+
+def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) -> tuple[dict, int] | None:
+    """Register the best completed trial's merged checkpoint as a new model version."""
+    completed = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best"])]
+    if not completed:
+        return None
+    best = (min if mode == "min" else max)(completed, key=lambda r: r["best"])
+    try:
+        client.get_registered_model(name)
+    except Exception:
+        client.create_registered_model(name, description="The best merged ReLoRA checkpoint of a sweep")
+    source = f"{client.get_run(best['run_id']).info.artifact_uri}/merged"
+    version = client.create_model_version(name, source=source, run_id=best["run_id"])
+    return best, int(version.version)

@@ -1,0 +1,192 @@
+"""A sweep: `python -m orchestrator.sweep search_spaces/rank.yaml`.
+
+The spec is checked whole before Ray starts. The data is prepared once. Ray Tune then
+runs one trial per sample of the search space; each trial is a Ray Train job of DeepSpeed
+workers (`orchestrator.train.make_trainer`), and ASHA stops the poor ones at eval points.
+MLflow gets one parent run per sweep and one child per trial. At the end: a summary
+table, plots on the parent run, and the best merged model in the Model Registry.
+
+Running the same command again, or with `--resume`, continues an interrupted sweep:
+finished trials are kept, unfinished ones resume from their checkpoints, and every trial
+keeps its MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_yaml
+from orchestrator.data import PreparedData, prepare_data
+from orchestrator.search import SweepSpec, load_sweep, trial_config_dict, tune_param_space
+
+log = logging.getLogger("orchestrator.sweep")
+
+
+def tune_trial(params: dict, *, base: dict, variants: dict, data: dict, storage: str) -> None:
+    """One Tune trial: fit a TorchTrainer whose reports reach Tune (and from there MLflow)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.config import config_from_dict
+    from orchestrator.train import make_trainer
+
+    context = ray.tune.get_context()
+    cfg = config_from_dict(trial_config_dict(base, params, variants))
+    # A stable run name per trial: a resumed sweep finds the trial's Ray Train run and its checkpoints.
+    name = f"{context.get_experiment_name()}-trials/{context.get_trial_id()}"
+    make_trainer(cfg, PreparedData(**data), name=name, storage_path=storage, callbacks=[TuneReportCallback()]).fit()
+
+
+def storage_root(spec: SweepSpec) -> str:
+    storage = spec.base_config.run.storage_path
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def describe(spec: SweepSpec) -> str:
+    s = spec.search
+    lines = [f"sweep {spec.base_config.run.name}: {spec.num_trials} trials "
+             f"({spec.grid_size} grid points x {s.num_samples} samples), at most {s.max_concurrent_trials} at once"]
+    for path, dist in s.params.items():
+        ((kind, values),) = dist.items()
+        lines.append(f"  {path}: {kind} {values}")
+    for variant, overrides in s.variants.items():
+        lines.append(f"  variant {variant}: {overrides or 'the base config'}")
+    r = s.resources
+    lines.append(f"  per trial: {r.num_workers} workers x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU), "
+                 f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}")
+    sched = s.scheduler
+    lines.append(f"  scheduler: {sched.type}" + (f" on {s.metric} ({s.mode}), grace {sched.grace_period} steps, "
+                                                 f"reduction {sched.reduction_factor}" if sched.type == "asha" else ""))
+    lines.append(f"  storage: {storage_root(spec)}/{spec.base_config.run.name}")
+    return "\n".join(lines)
+
+
+def init_ray(address: str | None, spec: SweepSpec) -> None:
+    """Join a cluster, or start a local Ray with enough logical CPUs for the concurrent trials.
+
+    Each trial holds one CPU for its Tune actor and its Train workers hold their own
+    placement group; logical CPUs are scheduling slots, not cores, so on a small machine we
+    declare what the trials need rather than let the second trial wait for ever.
+    """
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        return
+    r = spec.search.resources
+    needed = spec.search.max_concurrent_trials * (1 + r.num_workers * r.cpus_per_worker) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+
+
+def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.tracking import MlflowTuneCallback
+
+    s = spec.search
+    storage = storage_root(spec)
+    name = spec.base_config.run.name
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            tune_trial, base=spec.base, variants=spec.search.variants, data=dataclasses.asdict(data), storage=storage
+        ),
+        {"cpu": 1},
+    )
+    callback = MlflowTuneCallback(
+        tracker, lambda trial: trial_config_dict(spec.base, trial.config, spec.search.variants), metric=s.metric, mode=s.mode
+    )
+    path = f"{storage}/{name}"
+    if resume and tune.Tuner.can_restore(path):
+        print(f"resuming the sweep at {path}")
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), callback
+    scheduler = None
+    if s.scheduler.type == "asha":
+        # metric and mode go to the scheduler, not TuneConfig: Tune would then demand the
+        # metric in every report, and only eval steps carry it.
+        scheduler = ASHAScheduler(
+            metric=s.metric,
+            mode=s.mode,
+            time_attr="step",
+            grace_period=s.scheduler.grace_period,
+            reduction_factor=s.scheduler.reduction_factor,
+            max_t=spec.base_config.train.total_steps + 1,  # never stop a trial on its last report
+        )
+    search_alg = None
+    if s.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=s.metric, mode=s.mode)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=tune_param_space(spec),
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=s.num_samples,
+            max_concurrent_trials=s.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1),
+    )
+    return tuner, callback
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", help="sweep YAML: a trial config plus a `search` block")
+    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (automatic when it exists)")
+    parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_sweep(load_yaml(args.spec))
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        return 2
+    print(describe(spec))
+    if args.dry_run:
+        return 0
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from orchestrator.report import log_plots, register_best, summary_table, trial_rows
+    from orchestrator.tracking import SweepTracker, default_tracking_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri()
+    name = spec.base_config.run.name
+    data = prepare_data(spec.base_config.data)  # before Ray: every trial and worker reuses it
+    print(f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
+          f"({'cache hit' if data.cache_hit else 'prepared'})")
+    tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
+    tracker.client.log_artifact(tracker.parent_id, args.spec)
+    init_ray(args.address, spec)
+    resume = not args.fresh
+    tuner, callback = make_tuner(spec, data, tracker, resume)
+    tuner.fit()
+    callback.flush()
+
+    swept = list(spec.search.params) + (["variant"] if spec.search.variants else [])
+    rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, spec.search.metric)
+    print()
+    print(summary_table(rows, swept, spec.search.metric))
+    log_plots(tracker.client, tracker.parent_id, rows, swept, spec.search.metric)
+    registered = register_best(tracker.client, rows, spec.search.register_model or f"{name}-best", spec.search.mode)
+    if registered:
+        best, version = registered
+        print(f"\nbest trial {best['trial']} ({spec.search.metric} {best['best']:.3f}) registered as "
+              f"{spec.search.register_model or name + '-best'} version {version}")
+    tracker.client.set_terminated(tracker.parent_id)
+    ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None
+    print("\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""MLflow records of a sweep: one parent run, one nested child run per Tune trial.
+
+All logging happens in the sweep driver, from a Ray Tune callback that sees every
+report of every trial (rank 0's metrics, forwarded by Ray Train's `TuneReportCallback`),
+so each metric is written once, whatever the number of workers. MLflow calls that fail
+(a tracking server that is briefly away) are kept and retried at the next report: they
+never stop a trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+log = logging.getLogger(__name__)
+
+CURVE_METRICS = ("train_loss", "lr", "val_loss", "val_ppl", "tokens_per_s", "update_rank_max", "update_rank_mean")
+TRIAL_ID_TAG = "tune_trial_id"
+SWEEP_TAG = "relora_sweep"
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+class SweepTracker:
+    """The parent run of a sweep, found again by name on resume (no duplicates)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.sweep_name = sweep_name
+        self.parent_id = self._find_or_create(
+            f"tags.{SWEEP_TAG} = '{sweep_name}' and tags.sweep_role = 'parent'",
+            run_name=sweep_name,
+            tags={SWEEP_TAG: sweep_name, "sweep_role": "parent"},
+        )
+
+    def _find_or_create(self, query: str, *, run_name: str, tags: dict) -> str:
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        if runs:
+            return runs[0].info.run_id
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+
+    def child_run(self, trial_id: str, run_name: str) -> str:
+        """The trial's child run: created once, reused when the sweep resumes."""
+        return self._find_or_create(
+            f"tags.{SWEEP_TAG} = '{self.sweep_name}' and tags.{TRIAL_ID_TAG} = '{trial_id}'",
+            run_name=run_name,
+            tags={SWEEP_TAG: self.sweep_name, TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": self.parent_id},
+        )
+
+
+class MlflowTuneCallback(Callback):
+    """Writes each trial's params, curves, status and merged checkpoint to its child run."""
+
+    def __init__(self, tracker: SweepTracker, trial_configs, metric: str, mode: str) -> None:
+        self.tracker = tracker
+        self.client = tracker.client
+        self.trial_configs = trial_configs  # trial -> resolved config dict
+        self.metric, self.mode = metric, mode
+        self.run_ids: dict[str, str] = {}
+        self.curves: dict[str, list[dict]] = {}
+        self.last: dict[str, dict] = {}
+        self.pending: list[tuple] = []  # MLflow calls that failed, retried later
+
+    # --- resilient calls -------------------------------------------------------------
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        self.pending.append((fn, args, kwargs))
+        self.flush()
+
+    def flush(self) -> None:
+        while self.pending:
+            fn, args, kwargs = self.pending[0]
+            try:
+                fn(*args, **kwargs)
+            except Exception as error:  # the server may be away for a while: keep the call
+                log.warning("MLflow call %s failed (%s); %d kept for retry", fn.__name__, error, len(self.pending))
+                return
+            self.pending.pop(0)
+
+    def _run_id(self, trial) -> str | None:
+        if trial.trial_id not in self.run_ids:
+            try:
+                self.run_ids[trial.trial_id] = self.tracker.child_run(trial.trial_id, str(trial))
+            except Exception as error:
+                log.warning("MLflow unreachable (%s); trial %s is logged later", error, trial.trial_id)
+                return None
+            config = self.trial_configs(trial)
+            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+            for i in range(0, len(params), 100):
+                self._call(self.client.log_batch, self.run_ids[trial.trial_id], params=params[i : i + 100])
+            self._call(self.client.set_tag, self.run_ids[trial.trial_id], "status", "running")
+        return self.run_ids[trial.trial_id]
+
+    # --- Tune hooks ------------------------------------------------------------------
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._run_id(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run_id = self._run_id(trial)
+        step = int(result.get("step", 0))
+        row = {k: float(result[k]) for k in CURVE_METRICS if isinstance(result.get(k), (int, float))}
+        row.update({k: float(v) for k, v in result.items() if k.startswith("update_rank/") and isinstance(v, int)})
+        self.curves.setdefault(trial.trial_id, []).append({"step": step, **row})
+        self.last[trial.trial_id] = result
+        if run_id and row:
+            now = int(time.time() * 1000)
+            metrics = [mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)]
+            self._call(self.client.log_batch, run_id, metrics=metrics)
+        if result.get("event") == "restart" and run_id:
+            self._call(self.client.set_tag, run_id, "restarts", str(result.get("restarts")))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = self.last.get(trial.trial_id, {})
+        if last.get("event") == "done":
+            self._finish(trial, "completed", "reached train.total_steps", checkpoint=last.get("checkpoint_path"))
+        elif last.get("stop_reason"):
+            self._finish(trial, "errored", last["stop_reason"])
+        else:
+            value = self.best_value(trial.trial_id)
+            self._finish(trial, "early-stopped", f"stopped by ASHA at step {last.get('step')} ({self.metric} {value:.3f})")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._finish(trial, "errored", str(getattr(trial, "error_msg", "") or "the trial raised an error")[:5000])
+
+    def _finish(self, trial, status: str, reason: str, checkpoint: str | None = None) -> None:
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        if checkpoint:
+            self._call(self.client.log_artifacts, run_id, f"{checkpoint}/merged", "merged")
+            self._call(self.client.log_artifact, run_id, f"{checkpoint}/history.jsonl")
+        self._call(self.client.set_tag, run_id, "status", status)
+        self._call(self.client.set_tag, run_id, "stop_reason", reason)
+        best = self.best_value(trial.trial_id)
+        if math.isfinite(best):
+            self._call(self.client.log_metric, run_id, f"best_{self.metric}", best)
+        self._call(self.client.set_terminated, run_id, "FAILED" if status == "errored" else "FINISHED")
+
+    def best_value(self, trial_id: str) -> float:
+        values = [row[self.metric] for row in self.curves.get(trial_id, []) if self.metric in row]
+        if not values:
+            return math.nan
+        return min(values) if self.mode == "min" else max(values)
