@@ -21,9 +21,7 @@ from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG  # noqa: E402
 
 def trial_rows(client: MlflowClient, experiment_id: str, sweep_name: str, swept: list[str], metric: str) -> list[dict]:
     """One row per child run: trial id, swept values, status, best metric and its curve."""
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.{SWEEP_TAG} = '{sweep_name}' and tags.sweep_role != 'parent'"
-    )
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{SWEEP_TAG} = '{sweep_name}'", max_results=10_000)
     rows = []
     for run in runs:
         if TRIAL_ID_TAG not in run.data.tags:
@@ -46,7 +44,8 @@ def trial_rows(client: MlflowClient, experiment_id: str, sweep_name: str, swept:
 
 def summary_table(rows: list[dict], swept: list[str], metric: str) -> str:
     header = ["trial", *swept, f"best {metric}", "status"]
-    lines = [header] + [[r["trial"], *(str(r["params"][p]) for p in swept), f"{r['best']:.3f}", r["status"]] for r in rows]
+    lines = [header]
+    lines += [[r["trial"], *(str(r["params"][p]) for p in swept), f"{r['best']:.3f}", r["status"]] for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))

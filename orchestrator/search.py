@@ -25,8 +25,8 @@ Named variants sweep several keys together (an ablation table), as a grid over n
 from __future__ import annotations
 
 import copy
-import math
 import itertools
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
@@ -170,7 +170,8 @@ def load_sweep(data: dict) -> SweepSpec:
     base = set_dotted(base, "scaling.use_gpu", r.gpus_per_worker > 0)
     base_config = config_from_dict(base)
     if search.scheduler.type == "asha" and search.scheduler.grace_period >= base_config.train.total_steps:
-        raise ConfigError("search.scheduler.grace_period", f"must be < train.total_steps = {base_config.train.total_steps}")
+        total = base_config.train.total_steps
+        raise ConfigError("search.scheduler.grace_period", f"must be < train.total_steps = {total}")
 
     edges = {}
     for path, dist in search.params.items():
@@ -196,8 +197,10 @@ def load_sweep(data: dict) -> SweepSpec:
             config_from_dict(trial_config_dict(base, params, search.variants))
         except ConfigError as error:
             swept = ", ".join(f"{k}={v!r}" for k, v in params.items())
-            raise ConfigError(f"search.params.{error.path}" if error.path in params else error.path,
-                              f"{str(error).split(': ', 1)[1]} (with {swept})") from None
+            raise ConfigError(
+                f"search.params.{error.path}" if error.path in params else error.path,
+                f"{str(error).split(': ', 1)[1]} (with {swept})",
+            ) from None
     return SweepSpec(base=base, base_config=base_config, search=search)
 
 

@@ -49,19 +49,29 @@ def storage_root(spec: SweepSpec) -> str:
 
 def describe(spec: SweepSpec) -> str:
     s = spec.search
-    lines = [f"sweep {spec.base_config.run.name}: {spec.num_trials} trials "
-             f"({spec.grid_size} grid points x {s.num_samples} samples), at most {s.max_concurrent_trials} at once"]
+    lines = [
+        f"sweep {spec.base_config.run.name}: {spec.num_trials} trials "
+        f"({spec.grid_size} grid points x {s.num_samples} samples), at most {s.max_concurrent_trials} at once"
+    ]
     for path, dist in s.params.items():
         ((kind, values),) = dist.items()
         lines.append(f"  {path}: {kind} {values}")
     for variant, overrides in s.variants.items():
         lines.append(f"  variant {variant}: {overrides or 'the base config'}")
     r = s.resources
-    lines.append(f"  per trial: {r.num_workers} workers x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU), "
-                 f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}")
+    lines.append(
+        f"  per trial: {r.num_workers} workers x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU), "
+        f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}"
+    )
     sched = s.scheduler
-    lines.append(f"  scheduler: {sched.type}" + (f" on {s.metric} ({s.mode}), grace {sched.grace_period} steps, "
-                                                 f"reduction {sched.reduction_factor}" if sched.type == "asha" else ""))
+    lines.append(
+        f"  scheduler: {sched.type}"
+        + (
+            f" on {s.metric} ({s.mode}), grace {sched.grace_period} steps, reduction {sched.reduction_factor}"
+            if sched.type == "asha"
+            else ""
+        )
+    )
     lines.append(f"  storage: {storage_root(spec)}/{spec.base_config.run.name}")
     return "\n".join(lines)
 
@@ -93,23 +103,25 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool):
     s = spec.search
     storage = storage_root(spec)
     name = spec.base_config.run.name
+    # Only eval steps carry val_ppl; Tune would otherwise reject every train-loss report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(
             tune_trial, base=spec.base, variants=spec.search.variants, data=dataclasses.asdict(data), storage=storage
         ),
         {"cpu": 1},
     )
-    callback = MlflowTuneCallback(
-        tracker, lambda trial: trial_config_dict(spec.base, trial.config, spec.search.variants), metric=s.metric, mode=s.mode
-    )
+
+    def resolved_config(trial) -> dict:
+        return trial_config_dict(spec.base, trial.config, spec.search.variants)
+
+    callback = MlflowTuneCallback(tracker, resolved_config, metric=s.metric, mode=s.mode)
     path = f"{storage}/{name}"
     if resume and tune.Tuner.can_restore(path):
         print(f"resuming the sweep at {path}")
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), callback
     scheduler = None
     if s.scheduler.type == "asha":
-        # metric and mode go to the scheduler, not TuneConfig: Tune would then demand the
-        # metric in every report, and only eval steps carry it.
         scheduler = ASHAScheduler(
             metric=s.metric,
             mode=s.mode,
@@ -141,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="sweep YAML: a trial config plus a `search` block")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (automatic when it exists)")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (the default)")
     parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
     args = parser.parse_args(argv)
@@ -162,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = args.tracking_uri or default_tracking_uri()
     name = spec.base_config.run.name
     data = prepare_data(spec.base_config.data)  # before Ray: every trial and worker reuses it
-    print(f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
-          f"({'cache hit' if data.cache_hit else 'prepared'})")
+    print(
+        f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
+        f"({'cache hit' if data.cache_hit else 'prepared'})"
+    )
     tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
     tracker.client.log_artifact(tracker.parent_id, args.spec)
     init_ray(args.address, spec)
@@ -180,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     registered = register_best(tracker.client, rows, spec.search.register_model or f"{name}-best", spec.search.mode)
     if registered:
         best, version = registered
-        print(f"\nbest trial {best['trial']} ({spec.search.metric} {best['best']:.3f}) registered as "
-              f"{spec.search.register_model or name + '-best'} version {version}")
+        print(
+            f"\nbest trial {best['trial']} ({spec.search.metric} {best['best']:.3f}) registered as "
+            f"{spec.search.register_model or name + '-best'} version {version}"
+        )
     tracker.client.set_terminated(tracker.parent_id)
     ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None
     print("\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {tracking_uri}")

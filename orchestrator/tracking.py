@@ -130,7 +130,9 @@ class MlflowTuneCallback(Callback):
         self.last[trial.trial_id] = result
         if run_id and row:
             now = int(time.time() * 1000)
-            metrics = [mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)]
+            metrics = [
+                mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)
+            ]
             self._call(self.client.log_batch, run_id, metrics=metrics)
         if result.get("event") == "restart" and run_id:
             self._call(self.client.set_tag, run_id, "restarts", str(result.get("restarts")))
@@ -142,8 +144,8 @@ class MlflowTuneCallback(Callback):
         elif last.get("stop_reason"):
             self._finish(trial, "errored", last["stop_reason"])
         else:
-            value = self.best_value(trial.trial_id)
-            self._finish(trial, "early-stopped", f"stopped by ASHA at step {last.get('step')} ({self.metric} {value:.3f})")
+            reason = f"stopped by ASHA at step {last.get('step')} ({self.metric} {self.best_value(trial.trial_id):.3f})"
+            self._finish(trial, "early-stopped", reason)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, "errored", str(getattr(trial, "error_msg", "") or "the trial raised an error")[:5000])

@@ -1,0 +1,138 @@
+"""A real sweep end to end: local Ray, 2 CPU workers per trial, ASHA, and MLflow read back
+through a real `mlflow server` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM
+
+LRS = [0.003, 0.002, 0.0001, 0.00003]  # the last two are far worse by the first rung
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/mlflow.db",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("mlflow server did not come up") from None
+            time.sleep(1)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
+    spec = make_trial(train__total_steps=60, train__checkpoint_every=20, run__name="e2e", run__max_failures=1)
+    spec["search"] = {
+        "params": {"optim.lr": {"grid": LRS}},
+        "metric": "val_ppl",
+        "mode": "min",
+        "scheduler": {"type": "asha", "grace_period": 20, "reduction_factor": 2},
+        "max_concurrent_trials": 2,
+        "resources": {"num_workers": 2},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(path), "--tracking-uri", mlflow_server],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "best val_ppl" in out.stdout and "open the results" in out.stdout
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == len(LRS)
+
+    # Params: the trial's full resolved config.
+    assert sorted(float(c.data.params["optim.lr"]) for c in children) == sorted(LRS)
+    for child in children:
+        assert child.data.params["relora.rank"] == "4" and child.data.params["deepspeed.zero_stage"] == "2"
+        assert child.data.params["train.total_steps"] == "60"
+
+    # val_ppl: one point per eval step, for as long as the trial ran.
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
+        assert steps == list(range(0, steps[-1] + 1, 10)), steps  # the start, then every eval
+        if child.data.tags["status"] == "completed":
+            assert steps[-1] == 60
+
+    statuses = {c.data.tags["status"] for c in children}
+    assert "early-stopped" in statuses and "completed" in statuses
+    for child in children:
+        if child.data.tags["status"] == "early-stopped":
+            assert "stopped by ASHA" in child.data.tags["stop_reason"]
+            assert client.get_metric_history(child.info.run_id, "val_ppl")[-1].step < 60
+
+    # Every completed trial has a merged checkpoint that downloads and loads.
+    completed = [c for c in children if c.data.tags["status"] == "completed"]
+    for child in completed:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=child.info.run_id,
+            artifact_path="merged",
+            dst_path=str(tmp_path / child.info.run_id),
+            tracking_uri=mlflow_server,
+        )
+        model = AutoModelForCausalLM.from_pretrained(local)
+        assert type(model).__name__ == "LlamaForCausalLM"
+
+    # The parent has its plots and the sweep file.
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/val_ppl_curves.png", "plots/val_ppl_vs_optim.lr.png"} <= plots
+    assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+    # The best completed trial is registered.
+    versions = client.search_model_versions("name='e2e-best'")
+    assert len(versions) == 1
+    best = min(completed, key=lambda c: c.data.metrics["best_val_ppl"])
+    assert versions[0].run_id == best.info.run_id
