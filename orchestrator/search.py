@@ -164,6 +164,11 @@ def load_sweep(data: dict) -> SweepSpec:
     if search.metric not in ("val_ppl", "val_loss", "train_loss"):
         raise ConfigError("search.metric", f"must be val_ppl, val_loss or train_loss, got {search.metric!r}")
 
+    if search.search_alg == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ConfigError("search.search_alg", "optuna is not installed (pip install optuna), or use random")
     r = search.resources
     base = set_dotted(data, "scaling.num_workers", r.num_workers)
     base = set_dotted(base, "scaling.cpus_per_worker", r.cpus_per_worker)

@@ -1,0 +1,82 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.config import ConfigError
+from orchestrator.search import load_sweep, trial_config_dict, tune_param_space
+
+
+def _sweep(make_trial, **search):
+    return {**make_trial(), "search": {"params": {"relora.rank": {"grid": [2, 4]}}, **search}}
+
+
+def test_a_valid_sweep_resolves_its_trials(make_trial):
+    spec = load_sweep(_sweep(make_trial, variants={"no-reset": {"relora.reset_ratio": 0.0}, "relora": {}}))
+    assert spec.num_trials == 4
+    assert spec.base_config.scaling.num_workers == 2
+    space = tune_param_space(spec)
+    assert set(space) == {"relora.rank", "variant"}
+    resolved = trial_config_dict(spec.base, {"relora.rank": 2, "variant": "no-reset"}, spec.search.variants)
+    assert resolved["relora"]["rank"] == 2 and resolved["relora"]["reset_ratio"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("search", "path"),
+    [
+        ({"params": {"relora.rnk": {"grid": [2]}}}, "search.params.relora.rnk"),
+        ({"params": {"relora": {"grid": [2]}}}, "search.params.relora"),
+        ({"params": {"relora.rank": {"normal": [0, 1]}}}, "search.params.relora.rank"),
+        ({"params": {"optim.lr": {"loguniform": [0, 1]}}}, "search.params.optim.lr"),
+        ({"params": {"optim.lr": {"uniform": [0.1]}}}, "search.params.optim.lr"),
+        # An impossible combination names the violated key and the swept values that broke it.
+        ({"params": {"relora.restart_every": {"grid": [20, 5]}}}, "relora.restart_warmup_steps"),
+        ({"params": {"relora.rank": {"randint": [0, 4]}}}, "search.params.relora.rank"),
+        ({"params": {"scaling.num_workers": {"grid": [1, 2]}}}, "search.params.scaling.num_workers"),
+        ({"num_samples": 0}, "search.num_samples"),
+        ({"scheduler": {"type": "hyperband"}}, "search.scheduler.type"),
+        ({"scheduler": {"grace_period": 100}}, "search.scheduler.grace_period"),
+        ({"resources": {"num_workers": 3}}, "train.global_batch_size"),
+        ({"metrc": "val_ppl"}, "search.metrc"),
+        ({"variants": {"bad": {"relora.nope": 1}}}, "search.variants.bad.relora.nope"),
+    ],
+)
+def test_bad_sweeps_name_the_path(make_trial, search, path):
+    data = {**make_trial(), "search": {"params": {}, **search}}
+    with pytest.raises(ConfigError) as error:
+        load_sweep(data)
+    assert error.value.path == path, str(error.value)
+    if "restart_every" in str(search):
+        assert "(with relora.restart_every=5)" in str(error.value)
+
+
+def test_cli_dry_run_and_bad_file(make_trial, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_sweep(make_trial)))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(good), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "2 trials" in out.stdout and "relora.rank: grid [2, 4]" in out.stdout and "2 workers" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_sweep(make_trial, params={"relora.rank": {"grid": [0]}})))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert out.stderr.startswith("config error: search.params.relora.rank:")
+
+
+@pytest.mark.parametrize("name", ["demo", "rank", "restart", "reset", "ablation"])
+def test_shipped_search_spaces_are_valid(name):
+    from pathlib import Path
+
+    from orchestrator.config import load_yaml
+
+    spec = load_sweep(load_yaml(Path(__file__).resolve().parents[2] / "search_spaces" / f"{name}.yaml"))
+    assert spec.num_trials >= 4
