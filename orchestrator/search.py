@@ -178,6 +178,13 @@ def load_sweep(data: dict) -> SweepSpec:
         total = base_config.train.total_steps
         raise ConfigError("search.scheduler.grace_period", f"must be < train.total_steps = {total}")
 
+    r = base_config.relora
+    if search.scheduler.type == "asha" and r.low_rank and 0 < r.warm_start_steps >= search.scheduler.grace_period:
+        raise ConfigError(
+            "search.scheduler.grace_period",
+            f"must exceed relora.warm_start_steps = {r.warm_start_steps}: trials share the warm start, "
+            "so ASHA cannot tell them apart before it ends",
+        )
     edges = {}
     for path, dist in search.params.items():
         if not isinstance(path, str) or not _key_exists(path):

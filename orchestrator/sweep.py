@@ -27,19 +27,25 @@ from orchestrator.search import SweepSpec, load_sweep, trial_config_dict, tune_p
 log = logging.getLogger("orchestrator.sweep")
 
 
-def tune_trial(params: dict, *, base: dict, variants: dict, data: dict, storage: str) -> None:
+def tune_trial(params: dict, *, base: dict, variants: dict, data: dict, storage: str, warm_starts: dict) -> None:
     """One Tune trial: fit a TorchTrainer whose reports reach Tune (and from there MLflow)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import config_from_dict
     from orchestrator.train import make_trainer
+    from orchestrator.warmstart import warm_start_key
 
     context = ray.tune.get_context()
     cfg = config_from_dict(trial_config_dict(base, params, variants))
     # A stable run name per trial: a resumed sweep finds the trial's Ray Train run and its checkpoints.
     name = f"{context.get_experiment_name()}-trials/{context.get_trial_id()}"
-    make_trainer(cfg, PreparedData(**data), name=name, storage_path=storage, callbacks=[TuneReportCallback()]).fit()
+    prepared = PreparedData(**data)
+    warm_start = warm_starts.get(warm_start_key(cfg, prepared))
+    trainer = make_trainer(
+        cfg, prepared, name=name, storage_path=storage, callbacks=[TuneReportCallback()], warm_start=warm_start
+    )
+    trainer.fit()
 
 
 def storage_root(spec: SweepSpec) -> str:
@@ -94,11 +100,13 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
-def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool):
+def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_starts: dict):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from orchestrator.config import config_from_dict
     from orchestrator.tracking import MlflowTuneCallback
+    from orchestrator.warmstart import warm_start_key
 
     s = spec.search
     storage = storage_root(spec)
@@ -107,7 +115,12 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool):
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(
-            tune_trial, base=spec.base, variants=spec.search.variants, data=dataclasses.asdict(data), storage=storage
+            tune_trial,
+            base=spec.base,
+            variants=spec.search.variants,
+            data=dataclasses.asdict(data),
+            storage=storage,
+            warm_starts=warm_starts,
         ),
         {"cpu": 1},
     )
@@ -115,7 +128,13 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool):
     def resolved_config(trial) -> dict:
         return trial_config_dict(spec.base, trial.config, spec.search.variants)
 
-    callback = MlflowTuneCallback(tracker, resolved_config, metric=s.metric, mode=s.mode)
+    def shared_warm_start(trial) -> str | None:
+        key = warm_start_key(config_from_dict(resolved_config(trial)), data)
+        return key if key in warm_starts else None
+
+    callback = MlflowTuneCallback(
+        tracker, resolved_config, metric=s.metric, mode=s.mode, warm_start_of=shared_warm_start
+    )
     path = f"{storage}/{name}"
     if resume and tune.Tuner.can_restore(path):
         print(f"resuming the sweep at {path}")
@@ -181,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
     tracker.client.log_artifact(tracker.parent_id, args.spec)
     init_ray(args.address, spec)
+    from orchestrator.warmstart import ensure_warm_starts
+
+    warm_starts = ensure_warm_starts(spec, data, storage_root(spec), tracker)
     resume = not args.fresh
-    tuner, callback = make_tuner(spec, data, tracker, resume)
+    tuner, callback = make_tuner(spec, data, tracker, resume, warm_starts)
     tuner.fit()
     callback.flush()
 

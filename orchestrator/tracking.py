@@ -64,6 +64,32 @@ class SweepTracker:
             return runs[0].info.run_id
         return self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
+    def log_warm_start(self, key: str, config: dict, history: list[dict], checkpoint: str) -> str:
+        """A run of its own for a shared warm start: its config, curves and checkpoint."""
+        run_id = self._find_or_create(
+            f"tags.{SWEEP_TAG} = '{self.sweep_name}' and tags.warm_start_key = '{key}'",
+            run_name=f"warm-start-{key}",
+            tags={
+                SWEEP_TAG: self.sweep_name,
+                "sweep_role": "warm_start",
+                "warm_start_key": key,
+                "mlflow.parentRunId": self.parent_id,
+                "checkpoint": checkpoint,
+            },
+        )
+        now = int(time.time() * 1000)
+        params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+        metrics = [
+            mlflow.entities.Metric(k, float(h[k]), now, int(h["step"]))
+            for h in history
+            for k in CURVE_METRICS
+            if isinstance(h.get(k), (int, float)) and math.isfinite(h[k])
+        ]
+        for i in range(0, max(len(params), len(metrics)), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+        self.client.set_terminated(run_id)
+        return run_id
+
     def child_run(self, trial_id: str, run_name: str) -> str:
         """The trial's child run: created once, reused when the sweep resumes."""
         return self._find_or_create(
@@ -76,10 +102,11 @@ class SweepTracker:
 class MlflowTuneCallback(Callback):
     """Writes each trial's params, curves, status and merged checkpoint to its child run."""
 
-    def __init__(self, tracker: SweepTracker, trial_configs, metric: str, mode: str) -> None:
+    def __init__(self, tracker: SweepTracker, trial_configs, metric: str, mode: str, warm_start_of=None) -> None:
         self.tracker = tracker
         self.client = tracker.client
         self.trial_configs = trial_configs  # trial -> resolved config dict
+        self.warm_start_of = warm_start_of or (lambda trial: None)  # trial -> shared warm-start key
         self.metric, self.mode = metric, mode
         self.run_ids: dict[str, str] = {}
         self.curves: dict[str, list[dict]] = {}
@@ -114,6 +141,9 @@ class MlflowTuneCallback(Callback):
             for i in range(0, len(params), 100):
                 self._call(self.client.log_batch, self.run_ids[trial.trial_id], params=params[i : i + 100])
             self._call(self.client.set_tag, self.run_ids[trial.trial_id], "status", "running")
+            key = self.warm_start_of(trial)
+            if key:
+                self._call(self.client.set_tag, self.run_ids[trial.trial_id], "warm_start_key", key)
         return self.run_ids[trial.trial_id]
 
     # --- Tune hooks ------------------------------------------------------------------

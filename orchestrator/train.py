@@ -51,10 +51,14 @@ def make_trainer(
     storage_path: str | None = None,
     crash: dict | None = None,
     callbacks: list | None = None,
+    warm_start: str | None = None,
+    stop_at: int | None = None,
 ):
     """The `TorchTrainer` for one trial: N DeepSpeed workers, checkpoints, retries.
 
-    ``crash`` is for fault-tolerance tests only (see `Worker.run`)."""
+    ``warm_start`` (a checkpoint holding `warm_start/`) starts the run at the switch to
+    low rank; ``stop_at`` ends it early, to make such a warm start. ``crash`` is for
+    fault-tolerance tests only (see `Worker.run`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -70,7 +74,13 @@ def make_trainer(
         storage = str(Path(storage).expanduser().resolve())
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": config_to_dict(cfg), "data": dataclasses.asdict(data), "crash": crash},
+        train_loop_config={
+            "trial": config_to_dict(cfg),
+            "data": dataclasses.asdict(data),
+            "crash": crash,
+            "warm_start": warm_start,
+            "stop_at": stop_at,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
@@ -89,7 +99,10 @@ def make_trainer(
 
 def read_history(checkpoint_path: str) -> list[dict]:
     """Every report of a run, from the `history.jsonl` its workers keep in each checkpoint."""
-    return [json.loads(line) for line in (Path(checkpoint_path) / "history.jsonl").read_text().splitlines()]
+    from ray.train import Checkpoint
+
+    with Checkpoint(checkpoint_path).as_directory() as local:
+        return [json.loads(line) for line in (Path(local) / "history.jsonl").read_text().splitlines()]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -204,16 +204,16 @@ class Worker:
         )
         mine = list(range(self.rank, count, self.world_size))
         totals = torch.zeros(2, dtype=torch.float64)
-        self.engine.eval()
+        self.model.eval()  # the engine's module: ZeRO 1/2 keep whole weights on every rank
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
             ids = self.val_blocks[mine[start : start + self.cfg.train.micro_batch_size]]["input_ids"].to(self.device)
-            logits = self.engine(input_ids=ids).logits[:, :-1].float()
+            logits = self.model(input_ids=ids).logits[:, :-1].float()
             targets = ids[:, 1:]
             totals[0] += torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), targets.flatten(), reduction="sum"
             ).item()
             totals[1] += targets.numel()
-        self.engine.train()
+        self.model.train()
         dist.all_reduce(totals)
         val_loss = (totals[0] / totals[1]).item()
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
@@ -254,18 +254,37 @@ class Worker:
 
     # --- the loop --------------------------------------------------------------------
 
-    def run(self, checkpoint_dir: str | None, crash: dict | None = None) -> None:
-        """Train to the end. ``crash`` ({"step", "marker"}) kills rank 1 once at that step: the
-        fault-tolerance tests use it to stand for a lost worker."""
+    def run(
+        self,
+        checkpoint_dir: str | None,
+        *,
+        warm_start: str | None = None,
+        stop_at: int | None = None,
+        crash: dict | None = None,
+    ) -> None:
+        """Train to the end, or only to ``stop_at`` (a shared warm start, saved for the trials).
+
+        ``warm_start`` is a folder of full-rank weights after ``relora.warm_start_steps``: the
+        run starts there, at the switch, exactly where its own warm start would have ended
+        (the switch re-creates the optimizer either way). ``crash`` ({"step", "marker"})
+        kills rank 1 once at that step: the fault-tolerance tests use it for a lost worker.
+        """
         c = self.cfg
         if checkpoint_dir:
             self.restore(checkpoint_dir)
             self.report({"event": "resume", "from_step": self.step})
+        elif warm_start:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(Path(warm_start) / "model.safetensors"))
+            self.step = c.relora.warm_start_steps
+            self.report({"event": "start", "from_warm_start": True, **self.evaluate()})
         else:
             self.build_engine()
             self.report({"event": "start", "lr": self.lr, **self.evaluate()})
         tokens_per_step = c.train.global_batch_size * self.data.seq_len
-        while self.step < c.train.total_steps:
+        end = stop_at or c.train.total_steps
+        while self.step < end:
             event: dict = {}
             if c.relora.wraps_at(self.step):
                 self.switch_to_low_rank()
@@ -291,12 +310,24 @@ class Worker:
                 )
                 return
             metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
-            if self.step % c.train.eval_every == 0 or self.step == c.train.total_steps:
+            if self.step % c.train.eval_every == 0 or self.step == end:
                 metrics.update(self.evaluate())
             if event or metrics.keys() & {"val_loss"} or self.step % c.train.log_every == 0:
-                save = self.step % c.train.checkpoint_every == 0 and self.step < c.train.total_steps
+                save = self.step % c.train.checkpoint_every == 0 and self.step < end
                 self.report(metrics, checkpoint=save)
-        self.finish()
+        if stop_at:
+            self.finish_warm_start()
+        else:
+            self.finish()
+
+    def finish_warm_start(self) -> None:
+        """Save the full-rank weights at the end of the warm start, for every trial to share."""
+        self.release_engine()
+        self.report(
+            {"event": "warm_start_done"},
+            checkpoint=True,
+            extra_files={"warm_start": lambda path: self.model.to(torch.float32).save_pretrained(path)},
+        )
 
     def finish(self) -> None:
         """The merged checkpoint: adapters folded in, a plain HF model plus its tokenizer."""
@@ -331,8 +362,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     worker = Worker(cfg, data, report)
-    if checkpoint is None:
-        worker.run(None, crash=config.get("crash"))
-    else:
+    options = {"stop_at": config.get("stop_at"), "crash": config.get("crash")}
+    if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
-            worker.run(checkpoint_dir, crash=config.get("crash"))
+            worker.run(checkpoint_dir, **options)
+    elif config.get("warm_start"):
+        with ray.train.Checkpoint(config["warm_start"]).as_directory() as warm_start:
+            worker.run(None, warm_start=f"{warm_start}/warm_start", **options)
+    else:
+        worker.run(None, **options)

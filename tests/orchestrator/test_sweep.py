@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-LRS = [0.003, 0.002, 0.0001, 0.00003]  # the last two are far worse by the first rung
+RANKS = [2, 4, 8, 16]  # one shared warm start; ASHA stops the worse of each pair at its first rung
 
 
 def _free_port() -> int:
@@ -66,10 +66,10 @@ def mlflow_server(tmp_path):
 def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
     spec = make_trial(train__total_steps=60, train__checkpoint_every=20, run__name="e2e", run__max_failures=1)
     spec["search"] = {
-        "params": {"optim.lr": {"grid": LRS}},
+        "params": {"relora.rank": {"grid": RANKS}},
         "metric": "val_ppl",
         "mode": "min",
-        "scheduler": {"type": "asha", "grace_period": 20, "reduction_factor": 2},
+        "scheduler": {"type": "asha", "grace_period": 30, "reduction_factor": 2},
         "max_concurrent_trials": 2,
         "resources": {"num_workers": 2},
     }
@@ -91,19 +91,26 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
     assert len(parents) == 1
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == len(LRS)
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in nested if "tune_trial_id" in r.data.tags]
+    assert len(children) == len(RANKS)
+
+    # The full-rank warm start ran once, has a run of its own, and every trial started from it.
+    warm = [r for r in nested if r.data.tags.get("sweep_role") == "warm_start"]
+    assert len(warm) == 1
+    assert [m.step for m in client.get_metric_history(warm[0].info.run_id, "val_ppl")] == [0, 10, 20]
+    assert {c.data.tags.get("warm_start_key") for c in children} == {warm[0].data.tags["warm_start_key"]}
 
     # Params: the trial's full resolved config.
-    assert sorted(float(c.data.params["optim.lr"]) for c in children) == sorted(LRS)
+    assert sorted(int(c.data.params["relora.rank"]) for c in children) == RANKS
     for child in children:
-        assert child.data.params["relora.rank"] == "4" and child.data.params["deepspeed.zero_stage"] == "2"
+        assert child.data.params["optim.lr"] == "0.003" and child.data.params["deepspeed.zero_stage"] == "2"
         assert child.data.params["train.total_steps"] == "60"
 
-    # val_ppl: one point per eval step, for as long as the trial ran.
+    # val_ppl: one point per eval step, from the end of the shared warm start for as long as the trial ran.
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
-        assert steps == list(range(0, steps[-1] + 1, 10)), steps  # the start, then every eval
+        assert steps == list(range(20, steps[-1] + 1, 10)), steps
         if child.data.tags["status"] == "completed":
             assert steps[-1] == 60
 
