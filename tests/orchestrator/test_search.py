@@ -8,8 +8,11 @@ from orchestrator.config import ConfigError
 from orchestrator.search import load_sweep, trial_config_dict, tune_param_space
 
 
+ASHA = {"type": "asha", "grace_period": 30}  # past the 20-step shared warm start
+
+
 def _sweep(make_trial, **search):
-    return {**make_trial(), "search": {"params": {"relora.rank": {"grid": [2, 4]}}, **search}}
+    return {**make_trial(), "search": {"params": {"relora.rank": {"grid": [2, 4]}}, "scheduler": ASHA, **search}}
 
 
 def test_a_valid_sweep_resolves_its_trials(make_trial):
@@ -37,13 +40,14 @@ def test_a_valid_sweep_resolves_its_trials(make_trial):
         ({"num_samples": 0}, "search.num_samples"),
         ({"scheduler": {"type": "hyperband"}}, "search.scheduler.type"),
         ({"scheduler": {"grace_period": 100}}, "search.scheduler.grace_period"),
+        ({"scheduler": {"grace_period": 20}}, "search.scheduler.grace_period"),  # not past the warm start
         ({"resources": {"num_workers": 3}}, "train.global_batch_size"),
         ({"metrc": "val_ppl"}, "search.metrc"),
         ({"variants": {"bad": {"relora.nope": 1}}}, "search.variants.bad.relora.nope"),
     ],
 )
 def test_bad_sweeps_name_the_path(make_trial, search, path):
-    data = {**make_trial(), "search": {"params": {}, **search}}
+    data = {**make_trial(), "search": {"params": {}, "scheduler": ASHA, **search}}
     with pytest.raises(ConfigError) as error:
         load_sweep(data)
     assert error.value.path == path, str(error.value)
