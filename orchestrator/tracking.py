@@ -109,6 +109,7 @@ class MlflowTuneCallback(Callback):
         self.warm_start_of = warm_start_of or (lambda trial: None)  # trial -> shared warm-start key
         self.metric, self.mode = metric, mode
         self.run_ids: dict[str, str] = {}
+        self.logged_until: dict[str, int] = {}  # a resumed trial re-reports steps its run already has
         self.curves: dict[str, list[dict]] = {}
         self.last: dict[str, dict] = {}
         self.pending: list[tuple] = []  # MLflow calls that failed, retried later
@@ -136,6 +137,9 @@ class MlflowTuneCallback(Callback):
             except Exception as error:
                 log.warning("MLflow unreachable (%s); trial %s is logged later", error, trial.trial_id)
                 return None
+            run_id = self.run_ids[trial.trial_id]
+            history = self.client.get_metric_history(run_id, "train_loss")
+            self.logged_until[trial.trial_id] = max((m.step for m in history), default=-1)
             config = self.trial_configs(trial)
             params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):
@@ -158,7 +162,7 @@ class MlflowTuneCallback(Callback):
         row.update({k: float(v) for k, v in result.items() if k.startswith("update_rank/") and isinstance(v, int)})
         self.curves.setdefault(trial.trial_id, []).append({"step": step, **row})
         self.last[trial.trial_id] = result
-        if run_id and row:
+        if run_id and row and step > self.logged_until.get(trial.trial_id, -1):
             now = int(time.time() * 1000)
             metrics = [
                 mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)

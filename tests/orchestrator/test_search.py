@@ -7,7 +7,6 @@ import yaml
 from orchestrator.config import ConfigError
 from orchestrator.search import load_sweep, trial_config_dict, tune_param_space
 
-
 ASHA = {"type": "asha", "grace_period": 30}  # past the 20-step shared warm start
 
 

@@ -143,3 +143,66 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     assert len(versions) == 1
     best = min(completed, key=lambda c: c.data.metrics["best_val_ppl"])
     assert versions[0].run_id == best.info.run_id
+
+
+def test_interrupted_sweep_resumes_without_duplicates(make_trial, mlflow_server, tmp_path):
+    import json
+    import os
+    import signal
+
+    spec = make_trial(train__total_steps=60, train__checkpoint_every=10, run__name="resumed", run__max_failures=1)
+    spec["search"] = {
+        "params": {"relora.rank": {"grid": RANKS}},
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "resources": {"num_workers": 2},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "orchestrator.sweep", str(path), "--tracking-uri", mlflow_server]
+    client = MlflowClient(mlflow_server)
+
+    def children():
+        experiment = client.get_experiment_by_name("resumed")
+        if experiment is None:
+            return []
+        return [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
+
+    # Kill the whole sweep (driver and its local Ray) once a trial has finished.
+    first = subprocess.Popen(
+        command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 900
+    while not any(c.data.tags.get("status") == "completed" for c in children()):
+        assert first.poll() is None and time.time() < deadline, "the first trial never finished"
+        time.sleep(3)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = {c.data.tags["tune_trial_id"] for c in children() if c.data.tags.get("status") == "completed"}
+    assert len(done_before) < len(RANKS)
+    time.sleep(5)
+
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "resuming the sweep" in out.stdout and "reused from" in out.stdout  # the warm start too
+
+    runs = children()
+    assert len(runs) == len(RANKS), "each trial keeps its one MLflow run"
+    assert {r.data.tags["status"] for r in runs} == {"completed"}
+    for run in runs:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
+        assert steps == sorted(set(steps)), f"no step is logged twice: {steps}"
+    # Unfinished trials continued from their checkpoints rather than starting over.
+    resumed = 0
+    for run in runs:
+        if run.data.tags["tune_trial_id"] in done_before:
+            continue
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path="history.jsonl",
+            dst_path=str(tmp_path / run.info.run_id),
+            tracking_uri=mlflow_server,
+        )
+        events = [json.loads(line).get("event") for line in open(local)]
+        resumed += "resume" in events
+    assert resumed >= 1
