@@ -147,7 +147,10 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_
             time_attr="step",
             grace_period=s.scheduler.grace_period,
             reduction_factor=s.scheduler.reduction_factor,
-            max_t=spec.base_config.train.total_steps + 1,  # never stop a trial on its last report
+            # Rungs lie strictly before the last step, and reaching max_t stops nothing: a
+            # trial that got to the end always writes its merged checkpoint.
+            max_t=spec.base_config.train.total_steps - 1,
+            stop_last_trials=False,
         )
     search_alg = None
     if s.search_alg == "optuna":
