@@ -135,7 +135,7 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
 
     # The parent has its plots and the sweep file.
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/val_ppl_curves.png", "plots/val_ppl_vs_optim.lr.png"} <= plots
+    assert {"plots/val_ppl_curves.png", "plots/val_ppl_vs_relora.rank.png"} <= plots
     assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # The best completed trial is registered.
