@@ -174,23 +174,29 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path}.{name}" if name in fields else path, message) from None
 
 
-def _check_relations(cfg: TrialConfig) -> None:
-    t, r, d = cfg.train, cfg.relora, cfg.data
-    positive = {
-        "train.total_steps": t.total_steps,
-        "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.eval_every": t.eval_every,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.log_every": t.log_every,
-        "data.seq_len": d.seq_len,
-        "scaling.num_workers": cfg.scaling.num_workers,
-        "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
-        "optim.lr": cfg.optim.lr,
-    }
-    for path, value in positive.items():
+def check_positive(values: dict[str, float]) -> None:
+    """Raise `ConfigError` for the first dotted path whose value is not positive."""
+    for path, value in values.items():
         if value <= 0:
             raise ConfigError(path, f"must be positive, got {value!r}")
+
+
+def _check_relations(cfg: TrialConfig) -> None:
+    t, r, d = cfg.train, cfg.relora, cfg.data
+    check_positive(
+        {
+            "train.total_steps": t.total_steps,
+            "train.global_batch_size": t.global_batch_size,
+            "train.micro_batch_size": t.micro_batch_size,
+            "train.eval_every": t.eval_every,
+            "train.checkpoint_every": t.checkpoint_every,
+            "train.log_every": t.log_every,
+            "data.seq_len": d.seq_len,
+            "scaling.num_workers": cfg.scaling.num_workers,
+            "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
+            "optim.lr": cfg.optim.lr,
+        }
+    )
     per_step = t.micro_batch_size * cfg.scaling.num_workers
     if t.global_batch_size % per_step:
         raise ConfigError(

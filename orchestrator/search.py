@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
-from orchestrator.config import ConfigError, TrialConfig, _build, config_from_dict
+from orchestrator.config import ConfigError, TrialConfig, _build, check_positive, config_from_dict
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 MAX_CHECKED_COMBINATIONS = 4096
@@ -149,16 +149,15 @@ def load_sweep(data: dict) -> SweepSpec:
         raise ConfigError("search", "a sweep file needs a `search` block (use orchestrator.train for one trial)")
     data = dict(data)
     search = _build(SearchSpec, data.pop("search") or {}, "search")
-    positive = {
-        "search.num_samples": search.num_samples,
-        "search.max_concurrent_trials": search.max_concurrent_trials,
-        "search.resources.num_workers": search.resources.num_workers,
-        "search.resources.cpus_per_worker": search.resources.cpus_per_worker,
-        "search.scheduler.grace_period": search.scheduler.grace_period,
-    }
-    for path, value in positive.items():
-        if value <= 0:
-            raise ConfigError(path, f"must be positive, got {value!r}")
+    check_positive(
+        {
+            "search.num_samples": search.num_samples,
+            "search.max_concurrent_trials": search.max_concurrent_trials,
+            "search.resources.num_workers": search.resources.num_workers,
+            "search.resources.cpus_per_worker": search.resources.cpus_per_worker,
+            "search.scheduler.grace_period": search.scheduler.grace_period,
+        }
+    )
     if search.scheduler.reduction_factor < 2:
         raise ConfigError("search.scheduler.reduction_factor", "must be at least 2")
     if search.metric not in ("val_ppl", "val_loss", "train_loss"):
