@@ -116,17 +116,18 @@ class MlflowTuneCallback(Callback):
 
     # --- resilient calls -------------------------------------------------------------
 
-    def _call(self, fn, *args, **kwargs) -> None:
-        self.pending.append((fn, args, kwargs))
+    def _call(self, method: str, *args, **kwargs) -> None:
+        """Call ``MlflowClient.<method>`` now, or later if the server is away."""
+        self.pending.append((method, args, kwargs))
         self.flush()
 
     def flush(self) -> None:
         while self.pending:
-            fn, args, kwargs = self.pending[0]
+            method, args, kwargs = self.pending[0]
             try:
-                fn(*args, **kwargs)
-            except Exception as error:  # the server may be away for a while: keep the call
-                log.warning("MLflow call %s failed (%s); %d kept for retry", fn.__name__, error, len(self.pending))
+                getattr(self.client, method)(*args, **kwargs)
+            except Exception as error:  # the server may be away for a while: keep the call, in order
+                log.warning("MLflow %s failed (%s); %d calls kept for retry", method, error, len(self.pending))
                 return
             self.pending.pop(0)
 
@@ -143,11 +144,11 @@ class MlflowTuneCallback(Callback):
             config = self.trial_configs(trial)
             params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):
-                self._call(self.client.log_batch, self.run_ids[trial.trial_id], params=params[i : i + 100])
-            self._call(self.client.set_tag, self.run_ids[trial.trial_id], "status", "running")
+                self._call("log_batch", self.run_ids[trial.trial_id], params=params[i : i + 100])
+            self._call("set_tag", self.run_ids[trial.trial_id], "status", "running")
             key = self.warm_start_of(trial)
             if key:
-                self._call(self.client.set_tag, self.run_ids[trial.trial_id], "warm_start_key", key)
+                self._call("set_tag", self.run_ids[trial.trial_id], "warm_start_key", key)
         return self.run_ids[trial.trial_id]
 
     # --- Tune hooks ------------------------------------------------------------------
@@ -167,9 +168,9 @@ class MlflowTuneCallback(Callback):
             metrics = [
                 mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)
             ]
-            self._call(self.client.log_batch, run_id, metrics=metrics)
+            self._call("log_batch", run_id, metrics=metrics)
         if result.get("event") == "restart" and run_id:
-            self._call(self.client.set_tag, run_id, "restarts", str(result.get("restarts")))
+            self._call("set_tag", run_id, "restarts", str(result.get("restarts")))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = self.last.get(trial.trial_id, {})
@@ -189,14 +190,14 @@ class MlflowTuneCallback(Callback):
         if run_id is None:
             return
         if checkpoint:
-            self._call(self.client.log_artifacts, run_id, f"{checkpoint}/merged", "merged")
-            self._call(self.client.log_artifact, run_id, f"{checkpoint}/history.jsonl")
-        self._call(self.client.set_tag, run_id, "status", status)
-        self._call(self.client.set_tag, run_id, "stop_reason", reason)
+            self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
+            self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
+        self._call("set_tag", run_id, "status", status)
+        self._call("set_tag", run_id, "stop_reason", reason)
         best = self.best_value(trial.trial_id)
         if math.isfinite(best):
-            self._call(self.client.log_metric, run_id, f"best_{self.metric}", best)
-        self._call(self.client.set_terminated, run_id, "FAILED" if status == "errored" else "FINISHED")
+            self._call("log_metric", run_id, f"best_{self.metric}", best)
+        self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
 
     def best_value(self, trial_id: str) -> float:
         values = [row[self.metric] for row in self.curves.get(trial_id, []) if self.metric in row]

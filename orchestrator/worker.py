@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -270,6 +271,9 @@ class Worker:
         kills rank 1 once at that step: the fault-tolerance tests use it for a lost worker.
         """
         c = self.cfg
+        if checkpoint_dir and (Path(checkpoint_dir) / "merged").is_dir():
+            self.report_finished(checkpoint_dir)
+            return
         if checkpoint_dir:
             self.restore(checkpoint_dir)
             self.report({"event": "resume", "from_step": self.step})
@@ -319,6 +323,15 @@ class Worker:
             self.finish_warm_start()
         else:
             self.finish()
+
+    def report_finished(self, checkpoint_dir: str) -> None:
+        """The run had ended (its final checkpoint holds `merged/`) when it was interrupted:
+        report that end again, so that Ray Train and Tune see the trial complete."""
+        self.history = [json.loads(line) for line in (Path(checkpoint_dir) / HISTORY).read_text().splitlines()]
+        final = self.history.pop()
+        self.step = final.pop("step")
+        merged = Path(checkpoint_dir) / "merged"
+        self.report(final, checkpoint=True, extra_files={"merged": lambda path: shutil.copytree(merged, path)})
 
     def finish_warm_start(self) -> None:
         """Save the full-rank weights at the end of the warm start, for every trial to share."""

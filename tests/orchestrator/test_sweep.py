@@ -168,14 +168,18 @@ def test_interrupted_sweep_resumes_without_duplicates(make_trial, mlflow_server,
             return []
         return [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
 
-    # Kill the whole sweep (driver and its local Ray) once a trial has finished.
+    def mid_run(child) -> bool:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
+        return child.data.tags.get("status") == "running" and bool(steps) and 40 <= steps[-1] < 60
+
+    # Kill the whole sweep (driver and its local Ray) while a trial is past a checkpoint.
     first = subprocess.Popen(
         command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 900
-    while not any(c.data.tags.get("status") == "completed" for c in children()):
-        assert first.poll() is None and time.time() < deadline, "the first trial never finished"
-        time.sleep(3)
+    while not any(mid_run(c) for c in children()):
+        assert first.poll() is None and time.time() < deadline, "no trial got past step 40"
+        time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = {c.data.tags["tune_trial_id"] for c in children() if c.data.tags.get("status") == "completed"}

@@ -1,0 +1,31 @@
+"""The MLflow callback against a real (SQLite) store, with the server made to fail for a while."""
+
+from types import SimpleNamespace
+
+from orchestrator.tracking import MlflowTuneCallback, SweepTracker
+
+
+def test_a_briefly_unreachable_server_loses_nothing_and_raises_nothing(tmp_path):
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
+    callback = MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min")
+    trial = SimpleNamespace(trial_id="t1", error_msg="")
+    callback.on_trial_start(0, [], trial)
+
+    real_log_batch = tracker.client.log_batch
+    outage = {"calls": 0}
+
+    def failing_log_batch(*args, **kwargs):
+        outage["calls"] += 1
+        raise ConnectionError("tracking server unreachable")
+
+    tracker.client.log_batch = failing_log_batch
+    for step in (10, 20):  # reports arrive while the server is away: no exception reaches Tune
+        callback.on_trial_result(0, [], trial, {"step": step, "val_ppl": 100.0 - step, "train_loss": 5.0})
+    assert outage["calls"] >= 1 and callback.pending
+
+    tracker.client.log_batch = real_log_batch  # the server is back
+    callback.on_trial_result(0, [], trial, {"step": 30, "val_ppl": 60.0, "train_loss": 4.0})
+    assert not callback.pending
+    run_id = callback.run_ids["t1"]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [10, 20, 30]
+    assert tracker.client.get_run(run_id).data.params["relora.rank"] == "4"
