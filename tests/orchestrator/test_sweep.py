@@ -15,7 +15,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-RANKS = [2, 4, 8, 16]  # one shared warm start; ASHA stops the worse of each pair at its first rung
+RANKS = [2, 4, 8, 16]  # one shared warm start per LR
+# ASHA only compares trials with each other: a far lower LR makes a certainly worse trial, which
+# it stops at its first rung whichever of the pair gets there first.
+LRS = [0.003, 0.00003]
 
 
 def _free_port() -> int:
@@ -66,7 +69,7 @@ def mlflow_server(tmp_path):
 def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
     spec = make_trial(train__total_steps=60, train__checkpoint_every=20, run__name="e2e", run__max_failures=1)
     spec["search"] = {
-        "params": {"relora.rank": {"grid": RANKS}},
+        "params": {"optim.lr": {"grid": LRS}, "relora.rank": {"grid": [4, 8]}},
         "metric": "val_ppl",
         "mode": "min",
         "scheduler": {"type": "asha", "grace_period": 30, "reduction_factor": 2},
@@ -93,19 +96,23 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     parent = parents[0]
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     children = [r for r in nested if "tune_trial_id" in r.data.tags]
-    assert len(children) == len(RANKS)
+    assert len(children) == 4
 
-    # The full-rank warm start ran once, has a run of its own, and every trial started from it.
+    # One full-rank warm start per LR, each with a run of its own, shared by the two ranks.
     warm = [r for r in nested if r.data.tags.get("sweep_role") == "warm_start"]
-    assert len(warm) == 1
-    assert [m.step for m in client.get_metric_history(warm[0].info.run_id, "val_ppl")] == [0, 10, 20]
-    assert {c.data.tags.get("warm_start_key") for c in children} == {warm[0].data.tags["warm_start_key"]}
+    assert len(warm) == len(LRS)
+    for run in warm:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [0, 10, 20]
+        sharing = [c for c in children if c.data.tags.get("warm_start_key") == run.data.tags["warm_start_key"]]
+        assert sorted(int(c.data.params["relora.rank"]) for c in sharing) == [4, 8]
+        assert {c.data.params["optim.lr"] for c in sharing} == {run.data.params["optim.lr"]}
 
     # Params: the trial's full resolved config.
-    assert sorted(int(c.data.params["relora.rank"]) for c in children) == RANKS
+    assert sorted((float(c.data.params["optim.lr"]), int(c.data.params["relora.rank"])) for c in children) == [
+        (lr, rank) for lr in sorted(LRS) for rank in (4, 8)
+    ]
     for child in children:
-        assert child.data.params["optim.lr"] == "0.003" and child.data.params["deepspeed.zero_stage"] == "2"
-        assert child.data.params["train.total_steps"] == "60"
+        assert child.data.params["deepspeed.zero_stage"] == "2" and child.data.params["train.total_steps"] == "60"
 
     # val_ppl: one point per eval step, from the end of the shared warm start for as long as the trial ran.
     for child in children:
@@ -135,7 +142,7 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
 
     # The parent has its plots and the sweep file.
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/val_ppl_curves.png", "plots/val_ppl_vs_relora.rank.png"} <= plots
+    assert {"plots/val_ppl_curves.png", "plots/val_ppl_vs_relora.rank.png", "plots/val_ppl_vs_optim.lr.png"} <= plots
     assert "sweep.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # The best completed trial is registered.
