@@ -9,6 +9,7 @@ of the first bad key.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs if the Ray cluster has them
     cpus_per_worker: int = 1
+    # Extra Ray resources each worker asks for: a custom resource of some nodes, or
+    # {"accelerator_type:H100": 0.001} to pick a GPU type on a mixed cluster.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,10 @@ def _check_type(value: Any, hint: Any, path: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(path, f"has the wrong type: {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _check_type(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")
@@ -260,12 +268,26 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def load_config(path: str | Path) -> TrialConfig:
-    """Read and check a trial config file (a sweep file's `search` block is not allowed here)."""
+def load_config(path: str | Path, storage: str | None = None) -> TrialConfig:
+    """Read and check a trial config file (a sweep file's `search` block is not allowed here).
+
+    ``storage`` (the CLI's `--storage`, else `$RELORA_STORAGE`) replaces `run.storage_path`."""
     data = load_yaml(path)
     if isinstance(data, dict) and "search" in data:
         raise ConfigError("search", "belongs in a sweep file; run it with `python -m orchestrator.sweep`")
-    return config_from_dict(data)
+    return config_from_dict(with_storage(data, storage))
+
+
+def with_storage(data: Any, storage: str | None) -> Any:
+    """``data`` with `run.storage_path` set to ``storage`` (or `$RELORA_STORAGE`), if either is given.
+
+    A cluster sets `RELORA_STORAGE` on its head (see cluster.yaml), so the same sweep file
+    writes to a local folder on a laptop and to shared storage on the cluster."""
+    storage = storage or os.environ.get("RELORA_STORAGE")
+    if not storage or not isinstance(data, dict):
+        return data
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    return {**data, "run": {**run, "storage_path": storage}}
 
 
 def config_to_dict(cfg: TrialConfig) -> dict:

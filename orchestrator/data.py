@@ -14,6 +14,7 @@ sample where it stopped.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import logging
@@ -265,6 +266,58 @@ def prepare_data(cfg: DataConfig, *, num_proc: int | None = None) -> PreparedDat
     _publish(tmp, final)
     log.info("prepared %d train and %d validation blocks", meta["train_blocks"], meta["validation_blocks"])
     return PreparedData(**meta, cache_hit=False)
+
+
+# --- shared storage --------------------------------------------------------------------
+
+
+def _filesystem(uri: str):
+    """The pyarrow filesystem and path of a local path or a URI (s3://, gs://, file://)."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else f"file://{Path(uri).expanduser().resolve()}")
+
+
+def share_data(data: PreparedData, storage: str) -> PreparedData:
+    """Copy the prepared folder to ``<storage>/data/`` once; the copy is what workers read.
+
+    On a cluster the driver's cache is on one node's disk; the storage path is the one
+    place every node can read (a shared filesystem or object storage). ``meta.json`` is
+    copied last: it marks a complete copy, so an interrupted upload is redone."""
+    import pyarrow.fs
+
+    source = Path(data.path).parent
+    target = f"{storage.rstrip('/')}/data/{source.name}"
+    fs, root = _filesystem(target)
+    if fs.get_file_info(f"{root}/meta.json").type == pyarrow.fs.FileType.NotFound:
+        log.info("copying the prepared data to %s", target)
+        local = pyarrow.fs.LocalFileSystem()
+        for folder in sorted({str(p.parent.relative_to(source)) for p in source.rglob("*") if p.is_file()}):
+            fs.create_dir(f"{root}/{folder}".rstrip("/."), recursive=True)  # a no-op on object storage
+        for part in ("blocks", "tokenizer"):
+            pyarrow.fs.copy_files(str(source / part), f"{root}/{part}", local, fs)
+        pyarrow.fs.copy_files(str(source / "meta.json"), f"{root}/meta.json", local, fs)
+    return dataclasses.replace(data, path=f"{target}/blocks", tokenizer_path=f"{target}/tokenizer")
+
+
+def local_data(data: PreparedData, cache_dir: str) -> PreparedData:
+    """``data`` readable from this node: as it is on a filesystem, else downloaded once
+    into this node's ``cache_dir`` (object storage cannot be memory-mapped)."""
+    if "://" not in data.path or data.path.startswith("file://"):
+        return dataclasses.replace(
+            data, path=data.path.removeprefix("file://"), tokenizer_path=data.tokenizer_path.removeprefix("file://")
+        )
+    import pyarrow.fs
+
+    cache = Path(cache_dir).expanduser()
+    final = cache / f"blocks-{data.fingerprint}-shared"
+    if not (final / "meta.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
+        fs, root = _filesystem(data.path.rsplit("/", 1)[0])
+        pyarrow.fs.copy_files(root, str(tmp), fs, pyarrow.fs.LocalFileSystem())
+        _publish(tmp, final)
+    return dataclasses.replace(data, path=str(final / "blocks"), tokenizer_path=str(final / "tokenizer"))
 
 
 # --- reading on the workers ------------------------------------------------------------

@@ -11,7 +11,7 @@
       scheduler: {type: asha, grace_period: 40, reduction_factor: 2}   # or {type: none}
       search_alg: random            # or optuna
       max_concurrent_trials: 2
-      resources: {num_workers: 2, gpus_per_worker: 0, cpus_per_worker: 1}
+      resources: {num_workers: 2, gpus_per_worker: 0, cpus_per_worker: 1, resources_per_worker: {}}
       register_model: ""            # registry name of the best model ("" = <run.name>-best)
 
 Named variants sweep several keys together (an ablation table), as a grid over names:
@@ -49,6 +49,7 @@ class ResourcesSpec:
     num_workers: int = 2  # Ray Train workers per trial
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,7 @@ def load_sweep(data: dict) -> SweepSpec:
     base = set_dotted(data, "scaling.num_workers", r.num_workers)
     base = set_dotted(base, "scaling.cpus_per_worker", r.cpus_per_worker)
     base = set_dotted(base, "scaling.use_gpu", r.gpus_per_worker > 0)
+    base = set_dotted(base, "scaling.resources_per_worker", dict(r.resources_per_worker))
     base_config = config_from_dict(base)
     if search.scheduler.type == "asha" and search.scheduler.grace_period >= base_config.train.total_steps:
         total = base_config.train.total_steps

@@ -18,10 +18,9 @@ import dataclasses
 import logging
 import os
 import sys
-from pathlib import Path
 
-from orchestrator.config import ConfigError, load_yaml
-from orchestrator.data import PreparedData, prepare_data
+from orchestrator.config import ConfigError, load_yaml, with_storage
+from orchestrator.data import PreparedData, prepare_data, share_data
 from orchestrator.search import SweepSpec, load_sweep, trial_config_dict, tune_param_space
 
 log = logging.getLogger("orchestrator.sweep")
@@ -49,8 +48,9 @@ def tune_trial(params: dict, *, base: dict, variants: dict, data: dict, storage:
 
 
 def storage_root(spec: SweepSpec) -> str:
-    storage = spec.base_config.run.storage_path
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    from orchestrator.train import storage_uri
+
+    return storage_uri(spec.base_config.run.storage_path)
 
 
 def describe(spec: SweepSpec) -> str:
@@ -133,7 +133,7 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_
         return key if key in warm_starts else None
 
     callback = MlflowTuneCallback(
-        tracker, resolved_config, metric=s.metric, mode=s.mode, warm_start_of=shared_warm_start
+        tracker, resolved_config, metric=s.metric, mode=s.mode, warm_start_of=shared_warm_start, storage=storage
     )
     path = f"{storage}/{name}"
     if resume and tune.Tuner.can_restore(path):
@@ -166,7 +166,15 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[callback], verbose=1),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            callbacks=[callback],
+            verbose=1,
+            # A trial whose Tune actor is lost with its node is run again; it resumes from
+            # its Ray Train checkpoints (lost workers alone are Ray Train's FailureConfig).
+            failure_config=tune.FailureConfig(max_failures=spec.base_config.run.max_failures),
+        ),
     )
     return tuner, callback
 
@@ -178,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (the default)")
     parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
+    parser.add_argument("--storage", help="where trials write (default: $RELORA_STORAGE, else run.storage_path)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
     args = parser.parse_args(argv)
     try:
-        spec = load_sweep(load_yaml(args.spec))
+        spec = load_sweep(with_storage(load_yaml(args.spec), args.storage))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -195,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     name = spec.base_config.run.name
-    data = prepare_data(spec.base_config.data)  # before Ray: every trial and worker reuses it
+    # Before Ray starts (see data.py), and copied to the sweep's storage, where every node reads it.
+    data = share_data(prepare_data(spec.base_config.data), storage_root(spec))
     print(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
         f"({'cache hit' if data.cache_hit else 'prepared'})"

@@ -102,8 +102,11 @@ class SweepTracker:
 class MlflowTuneCallback(Callback):
     """Writes each trial's params, curves, status and merged checkpoint to its child run."""
 
-    def __init__(self, tracker: SweepTracker, trial_configs, metric: str, mode: str, warm_start_of=None) -> None:
+    def __init__(
+        self, tracker: SweepTracker, trial_configs, metric: str, mode: str, warm_start_of=None, storage: str = ""
+    ) -> None:
         self.tracker = tracker
+        self.storage = storage  # where checkpoint paths live (a local path, or a URI's filesystem)
         self.client = tracker.client
         self.trial_configs = trial_configs  # trial -> resolved config dict
         self.warm_start_of = warm_start_of or (lambda trial: None)  # trial -> shared warm-start key
@@ -113,6 +116,8 @@ class MlflowTuneCallback(Callback):
         self.curves: dict[str, list[dict]] = {}
         self.last: dict[str, dict] = {}
         self.pending: list[tuple] = []  # MLflow calls that failed, retried later
+        self.nodes: dict[str, set[str]] = {}  # trial -> Ray nodes its workers ran on
+        self.resumes: dict[str, list[int]] = {}  # trial -> steps it resumed from a checkpoint at
 
     # --- resilient calls -------------------------------------------------------------
 
@@ -141,6 +146,9 @@ class MlflowTuneCallback(Callback):
             run_id = self.run_ids[trial.trial_id]
             history = self.client.get_metric_history(run_id, "train_loss")
             self.logged_until[trial.trial_id] = max((m.step for m in history), default=-1)
+            tags = self.client.get_run(run_id).data.tags  # a resumed sweep keeps what the run knew
+            self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
+            self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
             config = self.trial_configs(trial)
             params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):
@@ -170,7 +178,17 @@ class MlflowTuneCallback(Callback):
             ]
             self._call("log_batch", run_id, metrics=metrics)
         if result.get("event") == "restart" and run_id:
-            self._call("set_tag", run_id, "restarts", str(result.get("restarts")))
+            self._call("set_tag", run_id, "merges", str(result.get("restarts")))
+        if result.get("nodes") and run_id:
+            self.nodes.setdefault(trial.trial_id, set()).update(result["nodes"].split(","))
+            self._call("set_tag", run_id, "ray_nodes", ",".join(sorted(self.nodes[trial.trial_id])))
+        if result.get("event") == "resume" and run_id:
+            # The trial's workers came back from a checkpoint: a lost worker or node (Ray
+            # Train's FailureConfig), a retried trial, or a resumed sweep.
+            steps = self.resumes.setdefault(trial.trial_id, [])
+            steps.append(int(result["from_step"]))
+            self._call("set_tag", run_id, "resumes", str(len(steps)))
+            self._call("set_tag", run_id, "resumed_at_steps", ",".join(map(str, steps)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = self.last.get(trial.trial_id, {})
@@ -190,6 +208,7 @@ class MlflowTuneCallback(Callback):
         if run_id is None:
             return
         if checkpoint:
+            checkpoint = self._local(checkpoint)
             self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
             self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
         self._call("set_tag", run_id, "status", status)
@@ -198,6 +217,19 @@ class MlflowTuneCallback(Callback):
         if math.isfinite(best):
             self._call("log_metric", run_id, f"best_{self.metric}", best)
         self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
+
+    def _local(self, checkpoint: str) -> str:
+        """A local folder holding ``checkpoint``: itself, or a download from object storage."""
+        if Path(checkpoint).is_dir() or "://" not in self.storage:
+            return checkpoint
+        import tempfile
+
+        import pyarrow.fs
+
+        fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
+        local = tempfile.mkdtemp(prefix="relora-checkpoint-")
+        pyarrow.fs.copy_files(checkpoint, local, fs, pyarrow.fs.LocalFileSystem())
+        return local
 
     def best_value(self, trial_id: str) -> float:
         values = [row[self.metric] for row in self.curves.get(trial_id, []) if self.metric in row]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from orchestrator.config import ConfigError, TrialConfig, config_to_dict, load_config
-from orchestrator.data import PreparedData, prepare_data
+from orchestrator.data import PreparedData, prepare_data, share_data
 
 log = logging.getLogger("orchestrator.train")
 
@@ -41,6 +41,11 @@ def init_ray(address: str | None, cfg: TrialConfig) -> None:
         return
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def storage_uri(storage: str) -> str:
+    """A URI as it is; a local path made absolute (Ray Train and the workers need one)."""
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def make_trainer(
@@ -69,9 +74,7 @@ def make_trainer(
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    storage = storage_path or cfg.run.storage_path
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().resolve())
+    storage = storage_uri(storage_path or cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -84,7 +87,11 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.scaling.cpus_per_worker,
+                **({"GPU": 1} if use_gpu else {}),
+                **cfg.scaling.resources_per_worker,
+            },
         ),
         run_config=RunConfig(
             name=name or cfg.run.name,
@@ -110,15 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="trial config YAML (see README.md for every key)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming a run of the same name")
+    parser.add_argument("--storage", help="where the run writes (default: $RELORA_STORAGE, else run.storage_path)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config)
+        cfg = load_config(args.config, args.storage)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
 
-    data = prepare_data(cfg.data)
+    data = share_data(prepare_data(cfg.data), storage_uri(cfg.run.storage_path))
     print(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks of {data.seq_len} tokens "
         f"({'cache hit' if data.cache_hit else 'prepared'}) at {data.path}"

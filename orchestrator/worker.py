@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import relora
 from orchestrator.config import TrialConfig, config_from_dict
-from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks
+from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
 META = "meta.json"  # where the run stands: step, phase, restart count
@@ -53,8 +53,9 @@ def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict:
 class Worker:
     """One rank of one trial. Plain attributes, one method per stage of the loop."""
 
-    def __init__(self, cfg: TrialConfig, data: PreparedData, report_fn) -> None:
+    def __init__(self, cfg: TrialConfig, data: PreparedData, report_fn, node_id: str = "") -> None:
         self.cfg = cfg
+        self.node_id = node_id  # the Ray node this rank runs on, recorded with each start
         self.data = data
         self.report_fn = report_fn
         self.rank = dist.get_rank()
@@ -179,6 +180,12 @@ class Worker:
         dist.all_gather(gathered, checksum)
         return all(torch.equal(g, gathered[0]) for g in gathered)
 
+    def nodes(self) -> str:
+        """The Ray nodes of all ranks, comma-separated: the tracker records where a trial ran."""
+        gathered: list[str] = [""] * self.world_size
+        dist.all_gather_object(gathered, self.node_id)
+        return ",".join(sorted(set(gathered)))
+
     # --- steps and evals -------------------------------------------------------------
 
     def train_step(self) -> float:
@@ -276,16 +283,16 @@ class Worker:
             return
         if checkpoint_dir:
             self.restore(checkpoint_dir)
-            self.report({"event": "resume", "from_step": self.step})
+            self.report({"event": "resume", "from_step": self.step, "nodes": self.nodes()})
         elif warm_start:
             from safetensors.torch import load_file
 
             self.model.load_state_dict(load_file(Path(warm_start) / "model.safetensors"))
             self.step = c.relora.warm_start_steps
-            self.report({"event": "start", "from_warm_start": True, **self.evaluate()})
+            self.report({"event": "start", "from_warm_start": True, "nodes": self.nodes(), **self.evaluate()})
         else:
             self.build_engine()
-            self.report({"event": "start", "lr": self.lr, **self.evaluate()})
+            self.report({"event": "start", "lr": self.lr, "nodes": self.nodes(), **self.evaluate()})
         tokens_per_step = c.train.global_batch_size * self.data.seq_len
         end = stop_at or c.train.total_steps
         while self.step < end:
@@ -367,14 +374,14 @@ def train_loop_per_worker(config: dict) -> None:
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     cfg = config_from_dict(config["trial"])
-    data = PreparedData(**config["data"])
+    data = local_data(PreparedData(**config["data"]), cfg.data.cache_dir)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
     checkpoint = ray.train.get_checkpoint()
-    worker = Worker(cfg, data, report)
+    worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id())
     options = {"stop_at": config.get("stop_at"), "crash": config.get("crash")}
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,40 @@ def test_builtin_corpus_is_real_prose_from_cpython():
     text = "\n".join(documents)
     assert len(text) > 1_000_000
     assert "assert" in text and "The " in text
+
+
+def test_shared_storage_gets_one_complete_copy(tmp_path, shakespeare):
+    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare))
+    shared = data_module.share_data(prepared, str(tmp_path / "storage"))
+    assert shared.path.startswith(str(tmp_path / "storage" / "data")) and shared.fingerprint == prepared.fingerprint
+    assert len(load_blocks(shared.path)["train"]) == prepared.train_blocks
+    assert (Path(shared.tokenizer_path) / "tokenizer.json").is_file()
+    # A copy without its meta.json (an interrupted upload) is redone; a complete one is kept.
+    meta = Path(shared.path).parent / "meta.json"
+    meta.unlink()
+    (Path(shared.path) / "train" / "dataset_info.json").unlink()
+    data_module.share_data(prepared, str(tmp_path / "storage"))
+    assert meta.is_file() and (Path(shared.path) / "train" / "dataset_info.json").is_file()
+    mtime = meta.stat().st_mtime_ns
+    data_module.share_data(prepared, str(tmp_path / "storage"))
+    assert meta.stat().st_mtime_ns == mtime
+
+
+def test_object_storage_data_is_downloaded_once_per_node(tmp_path, shakespeare, monkeypatch):
+    import pyarrow.fs
+
+    bucket = pyarrow.fs._MockFileSystem()  # pyarrow's in-memory filesystem, standing in for s3://
+    monkeypatch.setattr(
+        data_module,
+        "_filesystem",
+        lambda uri: (bucket, uri.split("://", 1)[1]) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri),
+    )
+    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare))
+    shared = data_module.share_data(prepared, "s3://bucket/sweeps")
+    assert shared.path == f"s3://bucket/sweeps/data/blocks-{prepared.fingerprint}/blocks"
+    node_cache = tmp_path / "node-cache"
+    local = data_module.local_data(shared, str(node_cache))
+    assert Path(local.path).is_relative_to(node_cache)
+    assert load_blocks(local.path)["train"][:4]["input_ids"].equal(load_blocks(prepared.path)["train"][:4]["input_ids"])
+    bucket.delete_dir_contents("bucket")  # a second worker on the node reads its copy, not the bucket
+    assert data_module.local_data(shared, str(node_cache)).path == local.path

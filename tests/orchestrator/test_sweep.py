@@ -3,14 +3,11 @@ through a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
@@ -19,51 +16,6 @@ RANKS = [2, 4, 8, 16]  # one shared warm start per LR
 # ASHA only compares trials with each other: a far lower LR makes a certainly worse trial, which
 # it stops at its first rung whichever of the pair gets there first.
 LRS = [0.003, 0.00003]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/mlflow.db",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("mlflow server did not come up") from None
-            time.sleep(1)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):

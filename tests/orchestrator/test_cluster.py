@@ -1,0 +1,220 @@
+"""Sweeps on a real multi-node Ray cluster, on this one machine.
+
+A head and two worker nodes, each a raylet of its own started with `ray start` as
+cluster.yaml starts them, with its own resources: the head runs the MLflow server and the
+sweep driver (a `ray job submit` entrypoint, as in the README); the Train workers need the
+`trainer` resource that only the two worker nodes have, as GPU workers need GPU nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import free_port, start_mlflow_server, trial_dict
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import config_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER_NODES = ("node_b", "node_c")
+
+
+@dataclass
+class Cluster:
+    dashboard: str  # the address `ray job submit` talks to
+    mlflow: str
+    storage: Path
+    env: dict
+    node_ids: dict[str, str]  # node_b / node_c -> Ray node id
+    node_manager_ports: dict[str, int]
+
+    def ray(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), *args], env=self.env, text=True, capture_output=True, **kwargs
+        )
+
+    def submit(self, spec: Path, **kwargs):
+        """The README's command: the sweep as a Ray job, this checkout as its working dir."""
+        command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", self.dashboard]
+        command += ["--working-dir", ".", "--", "python", "-m", "orchestrator.sweep", str(spec)]
+        return subprocess.Popen(command, cwd=REPO, env=self.env, text=True, **kwargs)
+
+    def kill_node(self, name: str) -> None:
+        """What losing a machine does to Ray: its raylet is gone, and its workers with it."""
+        port = f"--node_manager_port={self.node_manager_ports[name]}"
+        (raylet,) = [p for p in psutil.process_iter(["name", "cmdline"]) if port in (p.info["cmdline"] or [])]
+        for child in raylet.children(recursive=True):
+            child.kill()
+        raylet.send_signal(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, data_cache):
+    import ray
+
+    if ray.is_initialized():  # two Ray instances on one machine confuse its placement-group cleaner
+        ray.shutdown()
+    root = tmp_path_factory.mktemp("cluster")
+    with start_mlflow_server(root / "mlflow") as mlflow_uri:
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "PYTHONPATH": str(REPO),
+            # What cluster.yaml exports on the head before `ray start`: the sweep inherits them.
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            "RELORA_STORAGE": str(root / "storage"),
+            # As on a fresh `ray up` cluster: no token auth (a token left in ~/.ray by a local
+            # ray.init would otherwise switch the head to token mode and lock the nodes out).
+            "RAY_AUTH_MODE": "disabled",
+            # Notice a dead node in ~3 s rather than ~30 s.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_health_check_initial_delay_ms": "1000",
+        }
+        gcs_port, dashboard_port = free_port(), free_port()
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        common = ["--disable-usage-stats"]
+        # Each node its own temp dir, as each machine has its own disk: nodes sharing one would
+        # also share (and garbage-collect) each other's copies of the job's working dir.
+        temp_dirs = {name: tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp") for name in ("head", *WORKER_NODES)}
+        head = [ray_bin, "start", "--head", f"--port={gcs_port}", "--num-cpus=2", "--dashboard-host=127.0.0.1"]
+        head += [f"--temp-dir={temp_dirs['head']}"]
+        head += [f"--dashboard-port={dashboard_port}", "--include-dashboard=true"]
+        subprocess.run(head + common, env=env, check=True, capture_output=True)
+        ports = {}
+        try:
+            for name in WORKER_NODES:
+                ports[name] = free_port()
+                worker = [ray_bin, "start", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=2"]
+                worker += [f"--resources={json.dumps({'trainer': 1, name: 1})}", f"--node-manager-port={ports[name]}"]
+                worker += [f"--temp-dir={temp_dirs[name]}"]
+                subprocess.run(worker + common, env=env, check=True, capture_output=True)
+            from ray.util.state import list_nodes
+
+            dashboard = f"http://127.0.0.1:{dashboard_port}"
+            deadline = time.time() + 60
+            while len(nodes := list_nodes(address=dashboard, filters=[("state", "=", "ALIVE")])) < 3:
+                assert time.time() < deadline, f"only {len(nodes)} nodes joined"
+                time.sleep(1)
+            node_ids = {n: next(x.node_id for x in nodes if n in x.resources_total) for n in WORKER_NODES}
+            yield Cluster(dashboard, mlflow_uri, root / "storage", env, node_ids, ports)
+        finally:
+            subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+            for path in temp_dirs.values():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_spec(tmp_path: Path, data_cache: Path, name: str, total_steps: int, ranks: list[int]) -> Path:
+    """Trials of one Train worker each, which only a worker node can host."""
+    spec = trial_dict(tmp_path, data_cache)
+    spec["run"] = {"name": name, "max_failures": 2}  # storage: $RELORA_STORAGE, set on the head
+    spec["relora"].update(warm_start_steps=20, restart_every=20)
+    spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10)
+    spec["search"] = {
+        "params": {"relora.rank": {"grid": ranks}},
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "resources": {"num_workers": 1, "resources_per_worker": {"trainer": 1}},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def trial_runs(client: MlflowClient, name: str) -> list:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        return []
+    return [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
+
+
+def expected_merges(spec: Path) -> list[int]:
+    raw = yaml.safe_load(spec.read_text())
+    raw.pop("search")
+    cfg = config_from_dict(raw)
+    return cfg.relora.restart_steps(cfg.train.total_steps)
+
+
+def merges_in_history(client: MlflowClient, run_id: str, tmp_path: Path) -> list[int]:
+    local = client.download_artifacts(run_id, "history.jsonl", str(tmp_path))
+    events = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    return [e["at_step"] for e in events if e.get("event") == "restart"]
+
+
+def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, data_cache, tmp_path):
+    spec = sweep_spec(tmp_path, data_cache, "cluster-sweep", total_steps=50, ranks=[2, 4])
+    job = cluster.submit(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = job.communicate(timeout=900)
+    assert job.returncode == 0 and "succeeded" in out, out[-6000:]
+
+    client = MlflowClient(cluster.mlflow)
+    runs = trial_runs(client, "cluster-sweep")
+    assert len(runs) == 2
+    assert {r.data.tags["status"] for r in runs} == {"completed"}
+    used = [set(r.data.tags["ray_nodes"].split(",")) for r in runs]
+    # Each trial ran on one worker node, and the two trials ran at once on both of them.
+    assert all(len(nodes) == 1 for nodes in used)
+    assert set.union(*used) == set(cluster.node_ids.values())
+    for run in runs:
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "merged")} >= {"merged/model.safetensors"}
+        assert merges_in_history(client, run.info.run_id, tmp_path / run.info.run_id) == expected_merges(spec)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+
+    # Everything the trials wrote is on the shared storage path: data, warm start, checkpoints.
+    assert list(cluster.storage.glob("data/blocks-*/meta.json"))
+    assert list(cluster.storage.glob("warm-starts/*.json"))
+    assert list(cluster.storage.glob("cluster-sweep-trials/*/checkpoint_*/merged/model.safetensors"))
+
+
+def test_a_lost_node_costs_only_the_steps_since_the_last_checkpoint(cluster, data_cache, tmp_path):
+    spec = sweep_spec(tmp_path, data_cache, "node-loss", total_steps=120, ranks=[4])
+    log = (tmp_path / "job.log").open("w")
+    job = cluster.submit(spec, stdout=log, stderr=subprocess.STDOUT)
+    client = MlflowClient(cluster.mlflow)
+
+    # Wait until the trial is past two checkpoints (steps 30 and 40), then take its node away.
+    deadline = time.time() + 600
+    while True:
+        assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-6000:]
+        runs = trial_runs(client, "node-loss")
+        if runs and "ray_nodes" in runs[0].data.tags:
+            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+            if steps and max(steps) >= 45:
+                break
+        time.sleep(0.5)
+    (first_node,) = runs[0].data.tags["ray_nodes"].split(",")
+    killed = next(name for name, node_id in cluster.node_ids.items() if node_id == first_node)
+    cluster.kill_node(killed)
+    killed_at = max(steps)
+
+    job.wait(timeout=900)
+    log.close()
+    output = (tmp_path / "job.log").read_text()
+    assert job.returncode == 0 and "succeeded" in output, output[-6000:]
+
+    (run,) = trial_runs(client, "node-loss")  # one MLflow run for the trial, restart and all
+    tags = run.data.tags
+    assert tags["status"] == "completed"
+    assert tags["resumes"] == "1"
+    resumed_at = int(tags["resumed_at_steps"])
+    assert resumed_at % 10 == 0 and 40 <= resumed_at <= killed_at, (resumed_at, killed_at)
+    assert set(tags["ray_nodes"].split(",")) == set(cluster.node_ids.values())  # it moved to the other node
+    # The same merges as an uninterrupted run: each restart step once, none skipped or repeated.
+    assert merges_in_history(client, run.info.run_id, tmp_path) == expected_merges(spec) == [40, 60, 80, 100]
+    assert tags["merges"] == "4"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 120
