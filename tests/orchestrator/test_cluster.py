@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,6 +160,10 @@ def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, data_cache, tmp_
     job = cluster.submit(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = job.communicate(timeout=900)
     assert job.returncode == 0 and "succeeded" in out, out[-6000:]
+    # The README's other job commands: the job is listed, and its log holds the summary.
+    (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", out))
+    assert job_id in cluster.ray("job", "list", "--address", cluster.dashboard).stdout
+    assert "best trial" in cluster.ray("job", "logs", job_id, "--address", cluster.dashboard).stdout
 
     client = MlflowClient(cluster.mlflow)
     runs = trial_runs(client, "cluster-sweep")
