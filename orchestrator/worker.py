@@ -50,6 +50,11 @@ def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict:
     }
 
 
+def read_history_file(checkpoint_dir: str) -> list[dict]:
+    """Every report of the run so far, as kept in each of its checkpoints."""
+    return [json.loads(line) for line in (Path(checkpoint_dir) / HISTORY).read_text().splitlines()]
+
+
 class Worker:
     """One rank of one trial. Plain attributes, one method per stage of the loop."""
 
@@ -76,6 +81,11 @@ class Worker:
         self.step = 0
         self.restarts = 0
         self.history: list[dict] = []
+        # Where a trial's wall time goes (benchmarks/overhead.py): this process's start, the
+        # start of its first optimizer step, and the seconds spent in optimizer steps.
+        self.created_at = time.time()
+        self.first_step_at: float | None = None
+        self.train_seconds = 0.0
         self.start_weights: dict[str, torch.Tensor] | None = None
 
     # --- engine ----------------------------------------------------------------------
@@ -229,7 +239,7 @@ class Worker:
     # --- checkpoints -----------------------------------------------------------------
 
     def report(self, metrics: dict, *, checkpoint: bool = False, extra_files: dict | None = None) -> None:
-        metrics = {"step": self.step, **metrics}
+        metrics = {"step": self.step, **metrics, "wall_time": time.time(), "train_seconds": self.train_seconds}
         self.history.append(metrics)
         if not checkpoint:
             self.report_fn(metrics, None)
@@ -252,7 +262,8 @@ class Worker:
         """Continue from a checkpoint: same phase, same engine state, same sample."""
         meta = json.loads((Path(checkpoint_dir) / META).read_text())
         self.step, self.restarts = meta["step"], meta["restarts"]
-        self.history = [json.loads(line) for line in (Path(checkpoint_dir) / HISTORY).read_text().splitlines()]
+        self.history = read_history_file(checkpoint_dir)
+        self.train_seconds = self.history[-1].get("train_seconds", 0.0)
         if meta["low_rank"]:
             self.switch_to_low_rank()  # wraps and builds the low-rank engine; weights come next
             self.start_weights = torch.load(Path(checkpoint_dir) / START_WEIGHTS)
@@ -313,6 +324,8 @@ class Worker:
             started = time.perf_counter()
             loss = self.train_step()
             elapsed = time.perf_counter() - started
+            self.train_seconds += elapsed
+            self.first_step_at = self.first_step_at or time.time() - elapsed
             self.step += 1
             if not math.isfinite(loss):
                 # Stop, but do not raise: a retry from the last checkpoint would diverge the same way.
@@ -334,7 +347,7 @@ class Worker:
     def report_finished(self, checkpoint_dir: str) -> None:
         """The run had ended (its final checkpoint holds `merged/`) when it was interrupted:
         report that end again, so that Ray Train and Tune see the trial complete."""
-        self.history = [json.loads(line) for line in (Path(checkpoint_dir) / HISTORY).read_text().splitlines()]
+        self.history = read_history_file(checkpoint_dir)
         final = self.history.pop()
         self.step = final.pop("step")
         merged = Path(checkpoint_dir) / "merged"
@@ -361,7 +374,13 @@ class Worker:
             model.save_pretrained(path, safe_serialization=True)
             AutoTokenizer.from_pretrained(self.data.tokenizer_path).save_pretrained(path)
 
-        summary = {"event": "done", "final_val_loss": final.get("val_loss"), "final_val_ppl": final.get("val_ppl")}
+        summary = {
+            "event": "done",
+            "final_val_loss": final.get("val_loss"),
+            "final_val_ppl": final.get("val_ppl"),
+            "worker_started_at": self.created_at,
+            "first_step_at": self.first_step_at,
+        }
         self.report(summary, checkpoint=True, extra_files={"merged": write_merged})
 
 

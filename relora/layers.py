@@ -67,6 +67,7 @@ class ReLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, **factory))
         # No dropout module at all when p == 0: nn.Dropout(0) would still copy x.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = alpha / rank  # the fixed scale, as a number for the fused forward
         if trainable_scaling:
             self.scaling = nn.Parameter(torch.tensor(alpha / rank, **factory))
         else:
@@ -135,9 +136,16 @@ class ReLoRALinear(nn.Module):
         self.reset_adapter(generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.linear(x, self.weight, self.bias)
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return base + self.scaling * update
+        base = F.linear(x, self.weight, self.bias)  # frozen W: autograd computes no dW for it
+        xa = F.linear(self.lora_dropout(x), self.lora_A)
+        if isinstance(self.scaling, nn.Parameter):  # a learned scale is part of the graph
+            return base + self.scaling * F.linear(xa, self.lora_B)
+        # One fused GEMM adds s * (x A^T) B^T into the base output: no full-size temporaries
+        # for the update, its scaling or the sum, in the forward or the backward pass.
+        out = torch.addmm(
+            base.reshape(-1, self.out_features), xa.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scale
+        )
+        return out.view(base.shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"

@@ -185,3 +185,23 @@ def test_dropout_applies_only_to_the_adapter_path():
     layer.train()
     # B = 0, so the output is the base path alone, whatever dropout does to the adapter input.
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_forward_and_backward_match_the_formula(bias):
+    torch.manual_seed(0)
+    layer = ReLoRALinear(12, 20, rank=3, alpha=6, bias=bias)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 12, requires_grad=True)
+    out = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    A, B = layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True)
+    ref = ref_x @ layer.weight.T + (layer.bias if bias else 0) + 2.0 * (ref_x @ A.T) @ B.T
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    torch.testing.assert_close(layer.lora_A.grad, A.grad)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad)
+    assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None), "no dW for frozen weights"
