@@ -66,8 +66,12 @@ class Scale:
 
 
 SCALES = {
-    # hidden 128, 4 layers; rank 16 = hidden / 8. 600 steps x 16 x 128 tokens = 1.2M tokens.
-    "cpu": Scale("llama-mini", 128, 16, 16, 600, 3e-3, 20, 16, 150, 150, 15, 50, 64),
+    # hidden 128, 4 layers; rank 16 = hidden / 8; a 1024-token BPE, so that the transformer
+    # layers hold 3/4 of the parameters as in the paper's models (at 4096 tokens the
+    # full-rank embeddings and lm_head are half the model and LoRA trains most of it).
+    # 400 steps x 8 x 128 tokens (about one epoch of tinyshakespeare), in the paper's
+    # proportions: a quarter warm start, then a restart every quarter.
+    "cpu": Scale("llama-mini", 128, 8, 8, 400, 3e-3, 20, 16, 100, 100, 10, 50, 64, vocab_size=1024),
     # The paper's ablation model and schedule (Table 4: 130M, restarts every 5k, 99% reset).
     "paper": Scale(
         "llama-130m", 512, 512, 32, 20_000, 1e-3, 500, 128, 5_000, 5_000, 100, 1_000, 256, "t5-base", 32_000
@@ -231,11 +235,14 @@ def main() -> None:
     parser.add_argument("--corpus", nargs="+", default=None, help="shakespeare, builtin and/or c4")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lr", type=float, help="peak learning rate for every variant (default: the scale's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each on CPU)")
     parser.add_argument("--cache-dir", default="~/.cache/relora-sweeps/data")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     scale = SCALES[args.scale]
+    if args.lr:
+        scale = dataclasses.replace(scale, lr=args.lr)
     corpora = args.corpus or (["c4"] if args.scale == "paper" else ["shakespeare", "builtin"])
     if "shakespeare" in corpora and not SHAKESPEARE.is_file():
         parser.error(f"--corpus shakespeare: {SHAKESPEARE} is missing (use --corpus builtin)")
@@ -254,7 +261,10 @@ def main() -> None:
             job["threads"] = torch.get_num_threads()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{len(jobs)} runs of {scale.model}, {scale.steps} steps x {scale.batch_size} x {scale.seq_len} tokens")
+    print(
+        f"{len(jobs)} runs of {scale.model}, {scale.steps} steps x {scale.batch_size} x {scale.seq_len} tokens, "
+        f"peak LR {scale.lr}"
+    )
     started = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:

@@ -188,7 +188,7 @@ def test_dropout_applies_only_to_the_adapter_path():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_fused_forward_and_backward_match_the_formula(bias):
+def test_hand_written_backward_matches_autograd_of_the_formula(bias):
     torch.manual_seed(0)
     layer = ReLoRALinear(12, 20, rank=3, alpha=6, bias=bias)
     torch.nn.init.normal_(layer.lora_B)
@@ -205,3 +205,17 @@ def test_fused_forward_and_backward_match_the_formula(bias):
     torch.testing.assert_close(layer.lora_A.grad, A.grad)
     torch.testing.assert_close(layer.lora_B.grad, B.grad)
     assert layer.weight.grad is None and (layer.bias is None or layer.bias.grad is None), "no dW for frozen weights"
+
+
+def test_autocast_and_unfrozen_weights_take_the_autograd_path():
+    torch.manual_seed(0)
+    layer = ReLoRALinear(12, 20, rank=3, alpha=6)
+    x = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_B.grad is not None
+    layer.weight.requires_grad_(True)  # someone unfroze W: it must get its gradient
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None
