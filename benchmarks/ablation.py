@@ -1,6 +1,6 @@
 """The paper's ablation at small scale: does each part of ReLoRA earn its place?
 
-    python benchmarks/ablation.py                     # both corpora, 3 seeds, ~1 h on 2 CPU cores
+    python benchmarks/ablation.py                     # both corpora, 3 seeds: ~26 min on 2 CPU cores
     python benchmarks/ablation.py --corpus shakespeare --seeds 0 --jobs 1   # one corpus, one seed
     python benchmarks/ablation.py --scale paper       # llama-130m on C4 (GPU; days on one card)
 
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate for every variant (default: the scale's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each on CPU)")
     parser.add_argument("--cache-dir", default="~/.cache/relora-sweeps/data")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", help="where the table's data and curves go (default: benchmarks/results/lr<LR>)")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     if args.lr:
@@ -259,7 +259,7 @@ def main() -> None:
     if args.jobs == 1:
         for job in jobs:
             job["threads"] = torch.get_num_threads()
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/lr{scale.lr:g}")
     out.mkdir(parents=True, exist_ok=True)
     print(
         f"{len(jobs)} runs of {scale.model}, {scale.steps} steps x {scale.batch_size} x {scale.seq_len} tokens, "
