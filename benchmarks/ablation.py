@@ -30,6 +30,9 @@ import torch
 
 import relora
 
+# Where the project's machines keep tinyshakespeare (beside the checkout); elsewhere, download
+# https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+# and pass --shakespeare PATH.
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 # Name -> overrides of the base ReLoRAConfig (the same variants as search_spaces/ablation.yaml).
@@ -79,14 +82,14 @@ SCALES = {
 }
 
 
-def corpus_config(corpus: str, scale: Scale, cache_dir: str):
+def corpus_config(corpus: str, scale: Scale, cache_dir: str, shakespeare: Path = SHAKESPEARE):
     from orchestrator.config import DataConfig
 
     common = {"seq_len": scale.seq_len, "cache_dir": cache_dir, "tokenizer": scale.tokenizer}
     if scale.tokenizer == "bpe":
         common["vocab_size"] = scale.vocab_size
     if corpus == "shakespeare":
-        return DataConfig(source="file", paths=[str(SHAKESPEARE)], **common)
+        return DataConfig(source="file", paths=[str(shakespeare)], **common)
     if corpus == "c4":
         return DataConfig(
             source="hub", hub_path="allenai/c4", hub_name="en", streaming=True, max_documents=2_000_000, **common
@@ -238,18 +241,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate for every variant (default: the scale's)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one CPU thread each on CPU)")
     parser.add_argument("--cache-dir", default="~/.cache/relora-sweeps/data")
+    parser.add_argument("--shakespeare", type=Path, default=SHAKESPEARE, help="tinyshakespeare's input.txt")
     parser.add_argument("--out", help="where the table's data and curves go (default: benchmarks/results/lr<LR>)")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     if args.lr:
         scale = dataclasses.replace(scale, lr=args.lr)
     corpora = args.corpus or (["c4"] if args.scale == "paper" else ["shakespeare", "builtin"])
-    if "shakespeare" in corpora and not SHAKESPEARE.is_file():
-        parser.error(f"--corpus shakespeare: {SHAKESPEARE} is missing (use --corpus builtin)")
+    if "shakespeare" in corpora and not args.shakespeare.is_file():
+        parser.error(f"--shakespeare: {args.shakespeare} is missing (pass its path, or use --corpus builtin)")
 
     from orchestrator.data import prepare_data
 
-    data = {c: dataclasses.asdict(prepare_data(corpus_config(c, scale, args.cache_dir))) for c in corpora}
+    data = {
+        c: dataclasses.asdict(prepare_data(corpus_config(c, scale, args.cache_dir, args.shakespeare))) for c in corpora
+    }
     jobs = [
         {"corpus": c, "variant": v, "seed": s, "scale": dataclasses.asdict(scale), "data": data[c], "threads": 1}
         for c in corpora

@@ -271,11 +271,13 @@ def prepare_data(cfg: DataConfig, *, num_proc: int | None = None) -> PreparedDat
 # --- shared storage --------------------------------------------------------------------
 
 
-def _filesystem(uri: str):
+def storage_filesystem(uri: str):
     """The pyarrow filesystem and path of a local path or a URI (s3://, gs://, file://)."""
     import pyarrow.fs
 
-    return pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else f"file://{Path(uri).expanduser().resolve()}")
+    if "://" not in uri:  # a plain path (spaces and all): no URI parsing
+        return pyarrow.fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return pyarrow.fs.FileSystem.from_uri(uri)
 
 
 def share_data(data: PreparedData, storage: str) -> PreparedData:
@@ -288,7 +290,7 @@ def share_data(data: PreparedData, storage: str) -> PreparedData:
 
     source = Path(data.path).parent
     target = f"{storage.rstrip('/')}/data/{source.name}"
-    fs, root = _filesystem(target)
+    fs, root = storage_filesystem(target)
     if fs.get_file_info(f"{root}/meta.json").type == pyarrow.fs.FileType.NotFound:
         log.info("copying the prepared data to %s", target)
         local = pyarrow.fs.LocalFileSystem()
@@ -314,7 +316,7 @@ def local_data(data: PreparedData, cache_dir: str) -> PreparedData:
     if not (final / "meta.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tmp-"))
-        fs, root = _filesystem(data.path.rsplit("/", 1)[0])
+        fs, root = storage_filesystem(data.path.rsplit("/", 1)[0])
         pyarrow.fs.copy_files(root, str(tmp), fs, pyarrow.fs.LocalFileSystem())
         _publish(tmp, final)
     return dataclasses.replace(data, path=str(final / "blocks"), tokenizer_path=str(final / "tokenizer"))

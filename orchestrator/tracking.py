@@ -228,7 +228,9 @@ class MlflowTuneCallback(Callback):
 
         fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
         local = tempfile.mkdtemp(prefix="relora-checkpoint-")
-        pyarrow.fs.copy_files(checkpoint, local, fs, pyarrow.fs.LocalFileSystem())
+        # Only what MLflow gets: the merged model and the history, not the DeepSpeed state.
+        for name in ("merged", "history.jsonl"):
+            pyarrow.fs.copy_files(f"{checkpoint}/{name}", f"{local}/{name}", fs, pyarrow.fs.LocalFileSystem())
         return local
 
     def best_value(self, trial_id: str) -> float:

@@ -16,10 +16,8 @@ import itertools
 import json
 import logging
 
-import pyarrow.fs
-
 from orchestrator.config import TrialConfig, config_from_dict, config_to_dict
-from orchestrator.data import PreparedData
+from orchestrator.data import PreparedData, storage_filesystem
 from orchestrator.search import VARIANT, SweepSpec, trial_config_dict
 
 log = logging.getLogger(__name__)
@@ -83,7 +81,7 @@ class WarmStartStore:
     """Finished warm starts under ``<storage>/warm-starts/<key>.json``, on any pyarrow filesystem."""
 
     def __init__(self, storage: str) -> None:
-        self.fs, self.root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+        self.fs, self.root = storage_filesystem(storage)
         self.root = f"{self.root}/warm-starts"
         self.fs.create_dir(self.root, recursive=True)
 
@@ -116,6 +114,8 @@ def ensure_warm_starts(spec: SweepSpec, data: PreparedData, storage: str, tracke
                 cfg, data, name=f"warm-starts/{key}", storage_path=storage, stop_at=cfg.relora.warm_start_steps
             ).fit()
             checkpoint = result.checkpoint.path
+            if "://" in storage:  # Ray gives the path within the bucket; trials need the URI
+                checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
             tracker.log_warm_start(key, config_to_dict(cfg), read_history(checkpoint), checkpoint)
             store.put(key, checkpoint)
         else:

@@ -120,7 +120,10 @@ class ReLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The update ``s * B @ A`` that a merge would add to ``weight``, in float32."""
-        return self.scaling.detach().float() * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        # The fixed scale as the forward uses it (a Python float): a bf16 buffer would round
+        # alpha / rank, and the merge would no longer leave the output unchanged.
+        scale = self.scaling.detach().float() if isinstance(self.scaling, nn.Parameter) else self.scale
+        return scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     @torch.no_grad()
     def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:

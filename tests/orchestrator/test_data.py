@@ -94,7 +94,7 @@ def test_object_storage_data_is_downloaded_once_per_node(tmp_path, shakespeare, 
     bucket = pyarrow.fs._MockFileSystem()  # pyarrow's in-memory filesystem, standing in for s3://
     monkeypatch.setattr(
         data_module,
-        "_filesystem",
+        "storage_filesystem",
         lambda uri: (bucket, uri.split("://", 1)[1]) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri),
     )
     prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare))

@@ -219,3 +219,11 @@ def test_autocast_and_unfrozen_weights_take_the_autograd_path():
     layer.weight.requires_grad_(True)  # someone unfroze W: it must get its gradient
     layer(x).sum().backward()
     assert layer.weight.grad is not None
+
+
+def test_merge_uses_the_forward_scale_in_bf16():
+    # 32 / 48 is not exact in bf16: the merge must add what the forward computed, s = alpha / rank.
+    layer = ReLoRALinear(16, 16, rank=48, alpha=32, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.lora_B)
+    expected = (32 / 48) * (layer.lora_B.float() @ layer.lora_A.float())
+    torch.testing.assert_close(layer.delta_weight(), expected, rtol=0, atol=0)
