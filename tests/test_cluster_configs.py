@@ -36,18 +36,54 @@ def test_aws_cluster_is_valid_and_keeps_ports_private():
     opened = {p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]}
     assert opened == {22}, "only SSH is open: dashboard and MLflow go through SSH tunnels"
     head_commands = " ".join(config["head_start_ray_commands"])
-    assert "mlflow server" in head_commands and "--artifacts-destination s3://" in head_commands
-    assert "--backend-store-uri sqlite:" in head_commands
+    assert "orchestrator.mlflow_server start /home/ray/mlflow --artifacts-destination s3://" in head_commands
     assert "--dashboard-host=127.0.0.1" in head_commands
-    assert "RELORA_STORAGE=s3://" in head_commands and "MLFLOW_TRACKING_URI=" in head_commands
+    assert "RELORA_STORAGE=s3://" in head_commands and "MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in head_commands
+    # Token authentication in every process of the cluster, with the laptop's token on every node.
+    assert "-e RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster.local.yaml"])
+def test_mlflow_is_started_and_stopped_by_its_pid_never_a_pattern(name):
+    config = load(name)
+    commands = config["head_start_ray_commands"]
+    text = " ".join(commands)
+    assert "pkill" not in text and "killall" not in text, "a pattern can match our own shell or others' servers"
+    assert "mlflow server" not in text, "the server runs under orchestrator.mlflow_server, which keeps its pid"
+    stop = next(i for i, c in enumerate(commands) if "orchestrator.mlflow_server stop" in c)
+    ray_start = next(i for i, c in enumerate(commands) if "ray start --head" in c)
+    mlflow_start = next(i for i, c in enumerate(commands) if "orchestrator.mlflow_server start" in c)
+    # Started after Ray, whose GCS it watches (it stops when `ray down` stops Ray), on 127.0.0.1 only.
+    assert stop < ray_start < mlflow_start
+    assert "--host" not in commands[mlflow_start] or "--host 127.0.0.1" in commands[mlflow_start]
+    assert "0.0.0.0" not in text
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster.local.yaml"])
+def test_values_to_edit_are_marked(name):
+    lines = (ROOT / name).read_text().splitlines()
+    placeholders = ["my-relora-bucket", "/mnt/shared", "10.0.0.", "123456789012", "0.0.0.0/0", "--num-cpus"]
+    if name == "cluster.local.yaml":  # on AWS the image decides the user and Ray makes the key
+        placeholders += ["ssh_user", "ssh_private_key", "min_workers", "max_workers", "pip install"]
+    for placeholder in placeholders:
+        for line in lines:
+            if placeholder in line and not line.lstrip().startswith("#"):
+                assert "# EDIT" in line, f"{name}: {line.strip()}"
 
 
 def test_local_cluster_is_valid():
     config = check(load("cluster.local.yaml"))
     assert config["provider"]["type"] == "local"
     assert len(config["provider"]["worker_ips"]) == config["available_node_types"]["local.cluster.node"]["max_workers"]
-    head_commands = " ".join(config["head_start_ray_commands"])
-    assert "mlflow server" in head_commands and "RELORA_STORAGE=/" in head_commands
+    setup = " ".join(config["setup_commands"])
+    # One interpreter on every machine, first on PATH in every shell Ray opens, with token auth on.
+    assert "export PATH=$HOME/relora-venv/bin:$PATH RAY_AUTH_MODE=token" in setup
+    assert "RELORA_STORAGE=/" in setup and "echo '. ~/relora.env' >> ~/.bashrc" in setup
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        if "ray start" in command:
+            assert ". ~/relora.env; " in command, "ray start sees the cluster's PATH, whatever .bashrc did after"
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
 
 
 def test_a_node_type_without_resources_is_refused():

@@ -17,20 +17,22 @@ SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinysha
 
 
 def corpus_section() -> dict:
-    """tinyshakespeare from ../shared when it is there, else the built-in CPython corpus."""
+    """tinyshakespeare from ../shared when it is there, else the built-in CPython corpus.
+
+    The tests need nothing outside the repository: a clone with nothing beside it runs
+    them all on the built-in corpus (`.ci/run` checks that)."""
     if SHAKESPEARE.is_file():
         return {"source": "file", "paths": [str(SHAKESPEARE)]}
     return {"source": "builtin"}
 
 
 def trial_dict(tmp_path: Path, data_cache: Path | None = None, **overrides) -> dict:
-    """A tiny ReLoRA trial on tinyshakespeare: warm start 20, restarts at 40 and 60, 70 steps."""
+    """A tiny ReLoRA trial on `corpus_section()`: warm start 20, restarts at 40 and 60, 70 steps."""
     cfg = {
         "seed": 0,
         "model": {"name": "llama-tiny"},
         "data": {
-            "source": "file",
-            "paths": [str(SHAKESPEARE)],
+            **corpus_section(),
             "seq_len": 64,
             "cache_dir": str(data_cache or tmp_path / "data"),
         },
