@@ -16,6 +16,8 @@ def test_the_test_trial_is_valid(make_trial, tmp_path):
 def _with(make_trial, section, key, value):
     data = make_trial()
     data[section][key] = value
+    if (section, key) == ("data", "paths"):
+        data["data"]["source"] = "file"  # the test trial may use the built-in corpus
     return data
 
 
