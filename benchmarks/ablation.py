@@ -142,19 +142,15 @@ def train(job: dict) -> dict:
     adapter_rng = torch.Generator(device=device).manual_seed(seed + 1)
 
     def make_optimizer(step: int):
-        optimizer = torch.optim.AdamW(relora.param_groups(model), lr=scale.lr, betas=(0.9, 0.95))
-        for group in optimizer.param_groups:
-            group["initial_lr"] = scale.lr
-        scheduler = relora.jagged_cosine_scheduler(
-            optimizer,
+        return relora.make_optimizer(
+            model,
+            cfg,
+            lr=scale.lr,
             total_steps=scale.steps,
             warmup_steps=scale.warmup_steps,
-            restart_every=cfg.lr_restart_every,
-            restart_warmup_steps=cfg.restart_warmup_steps,
-            min_lr_ratio=0.1,
-            last_epoch=step - 1,
+            betas=(0.9, 0.95),
+            step=step,
         )
-        return optimizer, scheduler
 
     optimizer, scheduler = make_optimizer(0)
     curve = [(0, evaluate(model, val_blocks[: scale.eval_blocks], scale.micro_batch, device))]
@@ -165,9 +161,8 @@ def train(job: dict) -> dict:
             relora.wrap(model, rank=cfg.rank, alpha=cfg.alpha, target_modules=cfg.target_modules)
             optimizer, scheduler = make_optimizer(step)
         elif cfg.restarts_at(step):
-            relora.merge_and_reinit(model, generator=adapter_rng)
-            relora.reset_optimizer_state(
-                optimizer, relora.adapter_parameters(model), ratio=cfg.reset_ratio, method=cfg.reset_method
+            relora.restart(
+                model, optimizer, reset_ratio=cfg.reset_ratio, reset_method=cfg.reset_method, generator=adapter_rng
             )
         batch = train_blocks[sampler.indices(step * scale.batch_size, scale.batch_size)]
         loss_sum = 0.0

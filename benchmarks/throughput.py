@@ -74,8 +74,7 @@ def run_plain(args, method: str, out: Path) -> None:
         optimizer.zero_grad(set_to_none=True)
 
     def restart() -> None:
-        relora.merge_and_reinit(model)
-        relora.reset_optimizer_state(optimizer, relora.adapter_parameters(model), ratio=0.99)
+        relora.restart(model, optimizer, reset_ratio=0.99)
 
     measure(args, method, device, step, restart, optimizer, model, world_size=1, out=out)
 
@@ -90,7 +89,6 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
         LOCAL_WORLD_SIZE=str(args.workers),
     )
     import deepspeed
-    from deepspeed.utils import safe_set_full_fp32_param
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -114,12 +112,8 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
 
-    @torch.no_grad()
     def restart() -> None:
-        relora.merge_and_reinit(model, generator=torch.Generator(device=device).manual_seed(1))
-        for p in relora.adapter_parameters(model):
-            safe_set_full_fp32_param(p, p.detach().float())
-        relora.reset_optimizer_state(zero_optimizer, relora.adapter_parameters(model), ratio=0.99)
+        relora.restart(model, engine, reset_ratio=0.99, generator=torch.Generator(device=device).manual_seed(1))
 
     measure(args, method, device, step, restart, zero_optimizer, model, world_size=args.workers, out=out, rank=rank)
     torch.distributed.barrier()

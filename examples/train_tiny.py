@@ -30,21 +30,17 @@ def batches(tokens: torch.Tensor, *, batch_size: int, seq_len: int, generator: t
 
 
 def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, step: int):
-    """AdamW over the trainable parameters, adapters in their own group, and the LR schedule
-    positioned at ``step`` (the optimizer is rebuilt when the adapters go in)."""
-    optimizer = torch.optim.AdamW(relora.param_groups(model, weight_decay=0.01), lr=args.lr)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.lr
-    scheduler = relora.jagged_cosine_scheduler(
-        optimizer,
+    """AdamW (adapters in their own group) and the LR schedule positioned at ``step``; the
+    optimizer is rebuilt when the adapters go in."""
+    return relora.make_optimizer(
+        model,
+        args.cfg,
+        lr=args.lr,
         total_steps=args.steps,
         warmup_steps=args.warmup_steps,
-        restart_every=args.cfg.lr_restart_every,
-        restart_warmup_steps=args.cfg.restart_warmup_steps,
-        min_lr_ratio=0.1,
-        last_epoch=step - 1,
+        weight_decay=0.01,
+        step=step,
     )
-    return optimizer, scheduler
 
 
 @torch.no_grad()
@@ -107,11 +103,17 @@ def main() -> None:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"step {step:5d}  switched to {args.method}: {trainable:,} trainable parameters")
         elif args.cfg.restarts_at(step):
-            merged = relora.merge_and_reinit(model, generator=adapter_rng)
-            zeroed = relora.reset_optimizer_state(
-                optimizer, relora.adapter_parameters(model), ratio=args.cfg.reset_ratio, method=args.cfg.reset_method
+            done = relora.restart(
+                model,
+                optimizer,
+                reset_ratio=args.cfg.reset_ratio,
+                reset_method=args.cfg.reset_method,
+                generator=adapter_rng,
             )
-            print(f"step {step:5d}  restart: merged {merged} layers, pruned {zeroed:.0%} of their Adam moments")
+            print(
+                f"step {step:5d}  restart: merged {done.merged_layers} layers, "
+                f"pruned {done.reset_fraction:.0%} of their Adam moments"
+            )
 
         batch = next(data)
         logits = model(batch[:, :-1]).logits

@@ -7,10 +7,10 @@ set up (gloo on CPUs, nccl on GPUs). The loop, top to bottom:
                              -> report (loss, lr, tokens/s) -> eval -> checkpoint
                         ->  final eval, merged checkpoint
 
-A restart is `relora.merge_and_reinit` with a generator seeded by (seed, step), so every
-rank draws the same new adapters; then DeepSpeed's fp32 master copy of the adapters is
-overwritten with them (else its next step would undo the re-init), then the partial
-optimizer reset on the adapters' own ZeRO partition.
+A restart is `relora.restart` with a generator seeded by (seed, step), so every rank
+draws the same new adapters: merge, re-init, DeepSpeed's fp32 master copy of the adapters
+overwritten (else its next step would undo the re-init), and the partial optimizer reset
+on the adapters' own ZeRO partition.
 """
 
 from __future__ import annotations
@@ -101,19 +101,16 @@ class Worker:
 
         self.release_engine()
         c = self.cfg
-        optimizer = torch.optim.AdamW(
-            relora.param_groups(self.model, weight_decay=c.optim.weight_decay), lr=c.optim.lr, betas=c.optim.betas
-        )
-        for group in optimizer.param_groups:
-            group["initial_lr"] = c.optim.lr
-        scheduler = relora.jagged_cosine_scheduler(
-            optimizer,
+        optimizer, scheduler = relora.make_optimizer(
+            self.model,
+            c.relora,
+            lr=c.optim.lr,
             total_steps=c.train.total_steps,
             warmup_steps=c.optim.warmup_steps,
-            restart_every=c.relora.lr_restart_every,
-            restart_warmup_steps=c.relora.restart_warmup_steps,
             min_lr_ratio=c.optim.min_lr_ratio,
-            last_epoch=self.step - 1,
+            betas=c.optim.betas,
+            weight_decay=c.optim.weight_decay,
+            step=self.step,
         )
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(c, bf16=self.bf16)
@@ -153,26 +150,20 @@ class Worker:
 
     @torch.no_grad()
     def restart(self) -> dict:
-        """Merge, re-init (same draw on every rank), sync the fp32 masters, prune the moments."""
-        from deepspeed.utils import safe_set_full_fp32_param
-
+        """`relora.restart` (merge, same re-init on every rank, fp32-master sync, partial reset)."""
         r = self.cfg.relora
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        merged = relora.merge_and_reinit(self.model, generator=generator)
-        adapters = relora.adapter_parameters(self.model)
-        for p in adapters:
-            safe_set_full_fp32_param(p, p.detach().float())
-        zeroed = relora.reset_optimizer_state(
-            self.engine.optimizer, adapters, ratio=r.reset_ratio, method=r.reset_method
+        done = relora.restart(
+            self.model, self.engine, reset_ratio=r.reset_ratio, reset_method=r.reset_method, generator=generator
         )
-        zeroed_all = torch.tensor([zeroed], dtype=torch.float64)
+        zeroed_all = torch.tensor([done.reset_fraction], dtype=torch.float64)
         dist.all_reduce(zeroed_all)
         self.restarts += 1
         event = {
             "event": "restart",
             "at_step": self.step,
             "restarts": self.restarts,
-            "merged_layers": merged,
+            "merged_layers": done.merged_layers,
             "reset_fraction": zeroed_all.item() / self.world_size,
             "weights_in_sync": self.weights_in_sync(),
         }

@@ -16,6 +16,7 @@ from relora.models import MODEL_SHAPES, build_model, model_config
 from relora.optim import param_groups, reset_optimizer_state
 from relora.rank import effective_weights, update_rank, update_ranks
 from relora.recipe import METHODS, ReLoRAConfig
+from relora.restarts import RestartResult, make_optimizer, optimizer_of, restart
 from relora.schedule import cosine_envelope, jagged_cosine, jagged_cosine_scheduler
 
 __version__ = "0.1.0"
@@ -26,17 +27,21 @@ __all__ = [
     "MODEL_SHAPES",
     "ReLoRAConfig",
     "ReLoRALinear",
+    "RestartResult",
     "adapter_parameters",
     "build_model",
     "cosine_envelope",
     "effective_weights",
     "jagged_cosine",
     "jagged_cosine_scheduler",
+    "make_optimizer",
     "merge_and_reinit",
     "model_config",
+    "optimizer_of",
     "param_groups",
     "relora_layers",
     "reset_optimizer_state",
+    "restart",
     "unwrap",
     "update_rank",
     "update_ranks",

@@ -28,9 +28,19 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "orchestrator.mlflow_server", *args], capture_output=True, text=True)
 
 
-def start(folder: Path, port: int, gcs: str) -> subprocess.CompletedProcess:
+def start(folder: Path, port: int, gcs: str) -> list[psutil.Process]:
+    """Start a server with the CLI; its supervisor and the supervisor's children."""
     artifacts = folder.parent / "artifacts"
-    return cli("start", str(folder), f"--port={port}", f"--artifacts-destination={artifacts}", f"--ray-address={gcs}")
+    started = cli(
+        "start", str(folder), f"--port={port}", f"--artifacts-destination={artifacts}", f"--ray-address={gcs}"
+    )
+    assert started.returncode == 0, started.stderr
+    supervisor = psutil.Process(int((folder / "server.pid").read_text()))
+    return [supervisor, *supervisor.children(recursive=True)]
+
+
+def all_gone(processes: list[psutil.Process]) -> bool:
+    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
 
 
 def wait_until(condition, timeout_s: float = 60.0) -> bool:
@@ -53,17 +63,13 @@ def fake_gcs():
 def test_start_and_stop_by_pid_file(tmp_path, fake_gcs):
     folder, port = tmp_path / "mlflow", free_port()
     gcs = f"127.0.0.1:{fake_gcs.getsockname()[1]}"
-    started = start(folder, port, gcs)
-    assert started.returncode == 0, started.stderr
+    family = start(folder, port, gcs)
     assert answers(port)
-    supervisor = psutil.Process(int((folder / "server.pid").read_text()))
-    family = [supervisor, *supervisor.children(recursive=True)]
     assert (folder / "mlflow.db").is_file()
 
     # Starting again replaces the server rather than failing on the busy port.
-    again = start(folder, port, gcs)
-    assert again.returncode == 0, again.stderr
-    assert wait_until(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family), 30)
+    start(folder, port, gcs)
+    assert wait_until(lambda: all_gone(family), 30)
 
     stopped = cli("stop", str(folder))
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
@@ -86,16 +92,12 @@ def test_a_pid_file_naming_another_program_is_left_alone(tmp_path):
 def test_the_server_stops_when_ray_stops(tmp_path, fake_gcs):
     folder, port = tmp_path / "mlflow", free_port()
     gcs = f"127.0.0.1:{fake_gcs.getsockname()[1]}"
-    started = start(folder, port, gcs)
-    assert started.returncode == 0, started.stderr
-    supervisor = psutil.Process(int((folder / "server.pid").read_text()))
-    family = [supervisor, *supervisor.children(recursive=True)]
+    family = start(folder, port, gcs)
     time.sleep(3 * mlflow_server.PROBE_PERIOD_S)
     assert answers(port), "the server must keep running while Ray does"
 
     fake_gcs.close()  # `ray stop`
-    gone = lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in family)  # noqa: E731
-    assert wait_until(gone, 60), [p for p in family if p.is_running()]
+    assert wait_until(lambda: all_gone(family), 60), [p for p in family if p.is_running()]
     assert not answers(port)
     assert "Ray at" in Path(folder / "server.log").read_text()
 

@@ -26,7 +26,8 @@ def _flat_partitions(zero_optimizer):
     return list(zip(zero_optimizer.fp16_groups, zero_optimizer.fp32_partitioned_groups_flat, strict=True))
 
 
-def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, out_dir: str) -> None:
+def _tiny_zero_engine(rank: int, world_size: int, stage: int, lr: float):
+    """llama-tiny with rank-4 adapters under a real DeepSpeed ZeRO engine, on this rank of a gloo group."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
     )
@@ -35,9 +36,14 @@ def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, o
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = relora.wrap(relora.build_model("llama-tiny", vocab_size=256, max_position_embeddings=32), rank=4, alpha=8)
-    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=1e-3)
+    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=lr)
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return model, engine, zero_optimizer
+
+
+def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, out_dir: str) -> None:
+    model, engine, zero_optimizer = _tiny_zero_engine(rank, world_size, stage, lr=1e-3)
     generator = torch.Generator().manual_seed(100 + rank)
     for _ in range(STEPS):
         ids = torch.randint(0, 256, (2, 16), generator=generator)
@@ -98,3 +104,51 @@ def test_reset_on_zero_partitions(tmp_path, monkeypatch, stage, ratio, method):
         assert report["others_identical"], "a reset must not touch the other groups' moments"
     total = sum(r["zero_after"] for r in reports) / sum(r["numel"] for r in reports)
     assert abs(total - ratio) <= 0.02
+
+
+def _restart_worker(rank: int, world_size: int, sync: bool, out_dir: str) -> None:
+    """Train, restart, then take one more step at LR 0: the adapters must be what the restart drew."""
+    model, engine, _ = _tiny_zero_engine(rank, world_size, stage=2, lr=1e-2)
+    data = torch.Generator().manual_seed(100 + rank)
+
+    def step() -> None:
+        ids = torch.randint(0, 256, (2, 16), generator=data)
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    for _ in range(STEPS):
+        step()
+    generator = torch.Generator().manual_seed(7)  # alike on every rank
+    if sync:
+        result = relora.restart(model, engine, reset_ratio=0.99, generator=generator)
+        assert result.synced_fp32_masters and result.merged_layers == 14
+    else:  # the trap: merge and re-init the model alone, leaving DeepSpeed's fp32 masters as they were
+        with torch.no_grad():
+            relora.merge_and_reinit(model, generator=generator)
+    drawn = [p.detach().clone() for p in relora.adapter_parameters(model)]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0  # the jagged schedule's LR at a restart: the step itself changes nothing
+    step()
+    after = relora.adapter_parameters(model)
+    report = {
+        "kept": all(torch.equal(a, d) for a, d in zip(after, drawn, strict=True)),
+        "b_zero": all(float(p.abs().max()) == 0.0 for n, p in model.named_parameters() if n.endswith("lora_B")),
+        "checksum": sum(float(p.detach().double().abs().sum()) for p in model.parameters()),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_reinitialised_adapters_survive_the_next_zero2_step(tmp_path, monkeypatch, sync):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    mp.spawn(_restart_worker, args=(2, sync, str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if sync:  # relora.restart: the new adapters are what trains next, identically on both ranks
+        assert all(r["kept"] and r["b_zero"] for r in reports)
+        assert reports[0]["checksum"] == reports[1]["checksum"]
+    else:  # without the fp32-master sync, DeepSpeed's step writes the old adapters back
+        assert not any(r["kept"] or r["b_zero"] for r in reports)

@@ -1,0 +1,105 @@
+"""One ReLoRA restart, the same for a plain PyTorch optimizer and a DeepSpeed ZeRO engine.
+
+A restart is four steps, in this order:
+
+1. merge ``s·B·A`` into each frozen ``W``;
+2. re-draw ``A`` and zero ``B``, from a generator seeded alike on every data-parallel rank;
+3. under DeepSpeed, overwrite the optimizer's fp32 master copies of the adapters with the
+   new values. DeepSpeed trains its fp32 masters and copies them into the model after each
+   step: without this, the next step silently writes the *old* adapters back, and the
+   merged update is applied twice;
+4. prune ``reset_ratio`` of the adapters' Adam moments (``reset_optimizer_state``).
+
+`restart` does all four; `make_optimizer` builds the AdamW and jagged-cosine schedule that
+go with it. Neither imports DeepSpeed unless a DeepSpeed engine or optimizer is passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from relora.layers import adapter_parameters, merge_and_reinit
+from relora.optim import param_groups, reset_optimizer_state
+from relora.recipe import ReLoRAConfig
+from relora.schedule import jagged_cosine_scheduler
+
+
+@dataclass(frozen=True)
+class RestartResult:
+    merged_layers: int  # adapter layers merged into their base weights
+    reset_fraction: float  # of the adapters' moment entries, zero afterwards (this rank's under ZeRO)
+    synced_fp32_masters: bool  # whether DeepSpeed's fp32 master copies were overwritten
+
+
+def _is_deepspeed(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "deepspeed"
+
+
+def optimizer_of(optimizer_or_engine):
+    """The optimizer that holds the moments: a DeepSpeed engine's, or the one given."""
+    if _is_deepspeed(optimizer_or_engine) and hasattr(optimizer_or_engine, "module"):
+        return optimizer_or_engine.optimizer
+    return optimizer_or_engine
+
+
+@torch.no_grad()
+def restart(
+    model: nn.Module,
+    optimizer,
+    *,
+    reset_ratio: float,
+    reset_method: str = "magnitude",
+    generator: torch.Generator | None = None,
+) -> RestartResult:
+    """Merge, re-initialise, sync DeepSpeed's fp32 masters, and prune the adapters' moments.
+
+    ``optimizer`` is a ``torch.optim`` optimizer, a DeepSpeed engine, or a DeepSpeed
+    (ZeRO 1/2/3 or bf16) optimizer. ``generator`` must be seeded alike on every rank in
+    data-parallel runs, so that every rank draws the same new ``A``.
+    """
+    optimizer = optimizer_of(optimizer)
+    merged = merge_and_reinit(model, generator=generator)
+    adapters = adapter_parameters(model)
+    synced = _is_deepspeed(optimizer)
+    if synced:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for p in adapters:
+            safe_set_full_fp32_param(p, p.detach().float())
+    fraction = reset_optimizer_state(optimizer, adapters, ratio=reset_ratio, method=reset_method)
+    return RestartResult(merged_layers=merged, reset_fraction=fraction, synced_fp32_masters=synced)
+
+
+def make_optimizer(
+    model: nn.Module,
+    config: ReLoRAConfig,
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    min_lr_ratio: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    step: int = 0,
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``param_groups(model)`` and the jagged cosine schedule, positioned at ``step``.
+
+    Built again at the switch to low rank (the trainable set changes there). Hand both to
+    ``deepspeed.initialize`` under DeepSpeed, or step them yourself in a plain loop.
+    """
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=betas)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr  # what LambdaLR scales when it starts from step > 0
+    scheduler = jagged_cosine_scheduler(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=warmup_steps,
+        restart_every=config.lr_restart_every,
+        restart_warmup_steps=config.restart_warmup_steps,
+        min_lr_ratio=min_lr_ratio,
+        last_epoch=step - 1,
+    )
+    return optimizer, scheduler
