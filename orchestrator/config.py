@@ -90,6 +90,9 @@ class DeepSpeedConfig:
 class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs if the Ray cluster has them
+    # GPUs per worker when it uses them: 1 (one DeepSpeed rank per GPU), or a fraction to
+    # pack the workers of small models onto one GPU. Never more: add workers instead.
+    gpus_per_worker: float = 1.0
     cpus_per_worker: int = 1
     # Extra Ray resources each worker asks for: a custom resource of some nodes, or
     # {"accelerator_type:H100": 0.001} to pick a GPU type on a mixed cluster.
@@ -205,6 +208,12 @@ def _check_relations(cfg: TrialConfig) -> None:
             "optim.lr": cfg.optim.lr,
         }
     )
+    if not 0 < cfg.scaling.gpus_per_worker <= 1:
+        raise ConfigError(
+            "scaling.gpus_per_worker",
+            "must lie in (0, 1]: one DeepSpeed rank uses one GPU (add workers for more), "
+            f"got {cfg.scaling.gpus_per_worker}",
+        )
     per_step = t.micro_batch_size * cfg.scaling.num_workers
     if t.global_batch_size % per_step:
         raise ConfigError(

@@ -19,8 +19,11 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG  # noqa: E402
 
 
-def trial_rows(client: MlflowClient, experiment_id: str, sweep_name: str, swept: list[str], metric: str) -> list[dict]:
-    """One row per child run: trial id, swept values, status, best metric and its curve."""
+def trial_rows(
+    client: MlflowClient, experiment_id: str, sweep_name: str, swept: list[str], metric: str, mode: str = "min"
+) -> list[dict]:
+    """One row per child run: trial id, swept values, status, best metric (by ``mode``) and its curve."""
+    pick = min if mode == "min" else max
     runs = client.search_runs([experiment_id], filter_string=f"tags.{SWEEP_TAG} = '{sweep_name}'", max_results=10_000)
     rows = []
     for run in runs:
@@ -35,7 +38,7 @@ def trial_rows(client: MlflowClient, experiment_id: str, sweep_name: str, swept:
                 "params": {p: run.data.params.get(p) for p in swept},
                 "status": run.data.tags.get("status", "unknown"),
                 "reason": run.data.tags.get("stop_reason", ""),
-                "best": min(values) if values else math.nan,
+                "best": pick(values) if values else math.nan,
                 "curve": curve,
             }
         )
@@ -71,7 +74,8 @@ def log_plots(client: MlflowClient, parent_id: str, rows: list[dict], swept: lis
                 ax.plot(steps, values, marker="o", markersize=3, label=f"{label} ({r['status']})")
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.set_yscale("log")
+        if all(v > 0 for r in rows for _, v in r["curve"]):
+            ax.set_yscale("log")
         ax.set_title(f"{metric} of every trial")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -35,6 +35,8 @@ from orchestrator.config import ConfigError, TrialConfig, _build, check_positive
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 MAX_CHECKED_COMBINATIONS = 4096
+# What a trial reports and a sweep may rank by: losses (mode min) or throughput (mode max).
+METRICS = ("val_ppl", "val_loss", "train_loss", "tokens_per_s")
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class SchedulerSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     num_workers: int = 2  # Ray Train workers per trial
-    gpus_per_worker: int = 0
+    gpus_per_worker: float = 0  # 0: CPUs only; 1: a GPU per worker; a fraction shares one
     cpus_per_worker: int = 1
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources
 
@@ -161,8 +163,8 @@ def load_sweep(data: dict) -> SweepSpec:
     )
     if search.scheduler.reduction_factor < 2:
         raise ConfigError("search.scheduler.reduction_factor", "must be at least 2")
-    if search.metric not in ("val_ppl", "val_loss", "train_loss"):
-        raise ConfigError("search.metric", f"must be val_ppl, val_loss or train_loss, got {search.metric!r}")
+    if search.metric not in METRICS:
+        raise ConfigError("search.metric", f"must be one of {list(METRICS)}, got {search.metric!r}")
 
     if search.search_alg == "optuna":
         import importlib.util
@@ -172,7 +174,14 @@ def load_sweep(data: dict) -> SweepSpec:
     r = search.resources
     base = set_dotted(data, "scaling.num_workers", r.num_workers)
     base = set_dotted(base, "scaling.cpus_per_worker", r.cpus_per_worker)
+    if not 0 <= r.gpus_per_worker <= 1:
+        raise ConfigError(
+            "search.resources.gpus_per_worker",
+            f"must lie in [0, 1]: one DeepSpeed rank uses one GPU (add workers for more), got {r.gpus_per_worker}",
+        )
     base = set_dotted(base, "scaling.use_gpu", r.gpus_per_worker > 0)
+    if r.gpus_per_worker > 0:
+        base = set_dotted(base, "scaling.gpus_per_worker", r.gpus_per_worker)
     base = set_dotted(base, "scaling.resources_per_worker", dict(r.resources_per_worker))
     base_config = config_from_dict(base)
     if search.scheduler.type == "asha" and search.scheduler.grace_period >= base_config.train.total_steps:

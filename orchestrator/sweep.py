@@ -64,9 +64,10 @@ def describe(spec: SweepSpec) -> str:
         lines.append(f"  {path}: {kind} {values}")
     for variant, overrides in s.variants.items():
         lines.append(f"  variant {variant}: {overrides or 'the base config'}")
-    r = s.resources
+    scaling = spec.base_config.scaling  # what the trials will ask Ray for
+    gpus = scaling.gpus_per_worker if scaling.use_gpu is True else 0
     lines.append(
-        f"  per trial: {r.num_workers} workers x ({r.cpus_per_worker} CPU, {r.gpus_per_worker} GPU), "
+        f"  per trial: {scaling.num_workers} workers x ({scaling.cpus_per_worker} CPU, {gpus:g} GPU), "
         f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}"
     )
     sched = s.scheduler
@@ -100,7 +101,21 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
 
 
+# A custom resource that only the cluster's head node offers (cluster.yaml, cluster.local.yaml).
+# Each trial's Tune actor asks for one unit of it, so the actors (each the driver of one trial's
+# Ray Train job) live on the head: never on a GPU node, which they would keep from scaling down
+# and whose loss would take the trial's driver with it.
+TRIAL_DRIVER_RESOURCE = "relora_trial_driver"
+
+
+def trial_actor_resources(cluster_resources: dict[str, float]) -> dict[str, float]:
+    """What each trial's Tune actor asks for: a CPU, and a head-only slot where the cluster has one."""
+    pin = {TRIAL_DRIVER_RESOURCE: 1} if cluster_resources.get(TRIAL_DRIVER_RESOURCE, 0) > 0 else {}
+    return {"cpu": 1, **pin}
+
+
 def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_starts: dict):
+    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -122,7 +137,7 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_
             storage=storage,
             warm_starts=warm_starts,
         ),
-        {"cpu": 1},
+        trial_actor_resources(ray.cluster_resources()),
     )
 
     def resolved_config(trial) -> dict:
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     callback.flush()
 
     swept = list(spec.search.params) + (["variant"] if spec.search.variants else [])
-    rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, spec.search.metric)
+    rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, spec.search.metric, spec.search.mode)
     print()
     print(summary_table(rows, swept, spec.search.metric))
     log_plots(tracker.client, tracker.parent_id, rows, swept, spec.search.metric)

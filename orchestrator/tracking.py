@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -30,6 +31,15 @@ SWEEP_TAG = "relora_sweep"
 def default_tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def is_transient(error: Exception) -> bool:
+    """Whether a failed MLflow call may succeed later: not when MLflow refused it (a 4xx answer,
+    such as a changed param value), but after a connection error, a timeout or a 5xx."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return not (400 <= status < 500) or status == 429
+    return True
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -131,7 +141,12 @@ class MlflowTuneCallback(Callback):
             method, args, kwargs = self.pending[0]
             try:
                 getattr(self.client, method)(*args, **kwargs)
-            except Exception as error:  # the server may be away for a while: keep the call, in order
+            except Exception as error:
+                if not is_transient(error):  # a call MLflow refuses will never succeed: drop it alone
+                    log.error("MLflow refused %s (%s); the call is dropped", method, error)
+                    self.pending.pop(0)
+                    continue
+                # The server may be away for a while: keep the call, in order.
                 log.warning("MLflow %s failed (%s); %d calls kept for retry", method, error, len(self.pending))
                 return
             self.pending.pop(0)

@@ -54,7 +54,6 @@ def make_trainer(
     *,
     name: str | None = None,
     storage_path: str | None = None,
-    crash: dict | None = None,
     callbacks: list | None = None,
     warm_start: str | None = None,
     stop_at: int | None = None,
@@ -62,8 +61,7 @@ def make_trainer(
     """The `TorchTrainer` for one trial: N DeepSpeed workers, checkpoints, retries.
 
     ``warm_start`` (a checkpoint holding `warm_start/`) starts the run at the switch to
-    low rank; ``stop_at`` ends it early, to make such a warm start. ``crash`` is for
-    fault-tolerance tests only (see `Worker.run`)."""
+    low rank; ``stop_at`` ends it early, to make such a warm start."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -80,7 +78,6 @@ def make_trainer(
         train_loop_config={
             "trial": config_to_dict(cfg),
             "data": dataclasses.asdict(data),
-            "crash": crash,
             "warm_start": warm_start,
             "stop_at": stop_at,
         },
@@ -89,7 +86,7 @@ def make_trainer(
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": 1} if use_gpu else {}),
+                **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}),
                 **cfg.scaling.resources_per_worker,
             },
         ),

@@ -270,14 +270,12 @@ class Worker:
         *,
         warm_start: str | None = None,
         stop_at: int | None = None,
-        crash: dict | None = None,
     ) -> None:
         """Train to the end, or only to ``stop_at`` (a shared warm start, saved for the trials).
 
         ``warm_start`` is a folder of full-rank weights after ``relora.warm_start_steps``: the
         run starts there, at the switch, exactly where its own warm start would have ended
-        (the switch re-creates the optimizer either way). ``crash`` ({"step", "marker"})
-        kills rank 1 once at that step: the fault-tolerance tests use it for a lost worker.
+        (the switch re-creates the optimizer either way).
         """
         c = self.cfg
         if checkpoint_dir and (Path(checkpoint_dir) / "merged").is_dir():
@@ -308,9 +306,6 @@ class Worker:
                 }
             elif c.relora.restarts_at(self.step):
                 event = self.restart()
-            if crash and self.step == crash["step"] and self.rank == 1 and not os.path.exists(crash["marker"]):
-                Path(crash["marker"]).touch()
-                os._exit(1)
             lr = self.lr
             started = time.perf_counter()
             loss = self.train_step()
@@ -327,8 +322,9 @@ class Worker:
             metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
             if self.step % c.train.eval_every == 0 or self.step == end:
                 metrics.update(self.evaluate())
-            if event or metrics.keys() & {"val_loss"} or self.step % c.train.log_every == 0:
-                save = self.step % c.train.checkpoint_every == 0 and self.step < end
+            # A checkpoint rides on a report: a checkpoint step reports even between log steps.
+            save = self.step % c.train.checkpoint_every == 0 and self.step < end
+            if save or event or metrics.keys() & {"val_loss"} or self.step % c.train.log_every == 0:
                 self.report(metrics, checkpoint=save)
         if stop_at:
             self.finish_warm_start()
@@ -392,7 +388,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id())
-    options = {"stop_at": config.get("stop_at"), "crash": config.get("crash")}
+    options = {"stop_at": config.get("stop_at")}
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:
             worker.run(checkpoint_dir, **options)

@@ -110,3 +110,19 @@ def test_local_cluster_without_worker_addresses_is_refused():
     del config["provider"]["worker_ips"]
     with pytest.raises((SystemExit, Exception), match="worker_ips"):
         check(config)
+
+
+def test_only_the_head_offers_the_trial_driver_resource():
+    from orchestrator.sweep import TRIAL_DRIVER_RESOURCE, trial_actor_resources
+
+    aws = check(load("cluster.yaml"))
+    for name, node_type in aws["available_node_types"].items():
+        offered = node_type["resources"].get(TRIAL_DRIVER_RESOURCE, 0)
+        assert (offered >= 100) if name == aws["head_node_type"] else offered == 0, name
+    local = load("cluster.local.yaml")
+    head = " ".join(c for c in local["head_start_ray_commands"] if "ray start" in c)
+    assert f"""--resources='{{"{TRIAL_DRIVER_RESOURCE}":1000}}'""" in head
+    assert TRIAL_DRIVER_RESOURCE not in " ".join(local["worker_start_ray_commands"])
+    # A trial's Tune actor asks for it wherever the cluster offers it, and only there.
+    assert trial_actor_resources({"CPU": 8, TRIAL_DRIVER_RESOURCE: 1000}) == {"cpu": 1, TRIAL_DRIVER_RESOURCE: 1}
+    assert trial_actor_resources({"CPU": 8}) == {"cpu": 1}

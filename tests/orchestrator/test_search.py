@@ -83,3 +83,20 @@ def test_shipped_search_spaces_are_valid(name):
 
     spec = load_sweep(load_yaml(Path(__file__).resolve().parents[2] / "search_spaces" / f"{name}.yaml"))
     assert spec.num_trials >= 4
+
+
+def test_gpus_per_worker_is_passed_as_given_and_bounded(make_trial):
+    from orchestrator.data import PreparedData
+    from orchestrator.sweep import describe
+    from orchestrator.train import make_trainer
+
+    spec = load_sweep(_sweep(make_trial, resources={"num_workers": 2, "gpus_per_worker": 0.5}))
+    assert spec.base_config.scaling.use_gpu is True and spec.base_config.scaling.gpus_per_worker == 0.5
+    assert "2 workers x (1 CPU, 0.5 GPU)" in describe(spec)  # --dry-run prints what Ray is asked for
+    data = PreparedData("/data", "/tokenizer", "f", 256, 64, 100, 10, True)
+    trainer = make_trainer(spec.base_config, data, name="t", storage_path="/tmp/unused")
+    assert trainer.scaling_config.resources_per_worker["GPU"] == 0.5
+    cpu_only = load_sweep(_sweep(make_trial))
+    assert cpu_only.base_config.scaling.use_gpu is False and "(1 CPU, 0 GPU)" in describe(cpu_only)
+    with pytest.raises(ConfigError, match=r"^search.resources.gpus_per_worker: must lie in \[0, 1\]"):
+        load_sweep(_sweep(make_trial, resources={"gpus_per_worker": 2}))

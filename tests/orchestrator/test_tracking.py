@@ -29,3 +29,18 @@ def test_a_briefly_unreachable_server_loses_nothing_and_raises_nothing(tmp_path)
     run_id = callback.run_ids["t1"]
     assert [m.step for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [10, 20, 30]
     assert tracker.client.get_run(run_id).data.params["relora.rank"] == "4"
+
+
+def test_a_call_mlflow_refuses_is_dropped_without_blocking_the_rest(tmp_path):
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
+    callback = MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min")
+    trial = SimpleNamespace(trial_id="t1", error_msg="")
+    callback.on_trial_start(0, [], trial)
+    run_id = callback.run_ids["t1"]
+    # MLflow refuses to change a logged param: that call can never succeed, at any retry.
+    callback._call("log_param", run_id, "relora.rank", "8")
+    callback.on_trial_result(0, [], trial, {"step": 10, "val_ppl": 50.0, "event": "restart", "restarts": 1})
+    assert not callback.pending
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["relora.rank"] == "4" and run.data.tags["merges"] == "1"
+    assert [m.value for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [50.0]

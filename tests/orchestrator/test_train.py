@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -11,14 +19,46 @@ from orchestrator.data import load_blocks, prepare_data
 from orchestrator.train import make_trainer, read_history
 
 
-def run_trial(trial: dict, *, name: str = "trial", crash: dict | None = None):
+def run_trial(trial: dict, *, name: str = "trial", kill_after_checkpoint: int | None = None):
+    """Fit one trial; with ``kill_after_checkpoint``, SIGKILL one of its workers from outside
+    (by pid, from this process) once its checkpoint of that step is on storage."""
     cfg = config_from_dict(trial)
     data = prepare_data(cfg.data)
+    killed: list[int] = []
+    if kill_after_checkpoint is not None:
+        run_dir = Path(cfg.run.storage_path) / name
+        threading.Thread(target=kill_a_worker, args=(run_dir, kill_after_checkpoint, killed), daemon=True).start()
     try:
-        result = make_trainer(cfg, data, name=name, crash=crash).fit()
+        result = make_trainer(cfg, data, name=name).fit()
     except Exception as error:  # Ray Train raises when the worker group runs out of retries
-        return cfg, data, None, error
-    return cfg, data, result, result.error
+        return cfg, data, None, error, killed
+    return cfg, data, result, result.error, killed
+
+
+def checkpointed_steps(run_dir: Path) -> list[int]:
+    steps = []
+    for meta in run_dir.glob("checkpoint_*/meta.json"):
+        try:
+            steps.append(json.loads(meta.read_text())["step"])
+        except (OSError, ValueError):  # still being written
+            pass
+    return steps
+
+
+def kill_a_worker(run_dir: Path, after_step: int, killed: list[int], timeout_s: float = 600) -> None:
+    """What a lost worker looks like to Ray Train: its process is gone, killed by a signal."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(step >= after_step for step in checkpointed_steps(run_dir)):
+            # This test's own Ray (started by this process) only: its workers descend from us.
+            workers = [
+                p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+            ]
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.05)
 
 
 def events(history: list[dict], kind: str) -> list[dict]:
@@ -40,7 +80,7 @@ def zero2_run(local_ray, tmp_path_factory, data_cache):
     return run_trial(trial_dict(tmp_path_factory.mktemp("zero2"), data_cache))
 
 
-def check_recipe(cfg, data, result, error):
+def check_recipe(cfg, data, result, error, killed=()):
     assert error is None, error
     history = read_history(result.checkpoint.path)
     start, done = history[0], history[-1]
@@ -78,8 +118,13 @@ def test_zero2_trial_runs_the_full_recipe(zero2_run):
     check_recipe(*zero2_run)
 
 
-def test_zero1_trial_runs_the_full_recipe(local_ray, make_trial):
-    check_recipe(*run_trial(make_trial(deepspeed__zero_stage=1)))
+def test_zero1_trial_runs_the_full_recipe(local_ray, make_trial, tmp_path):
+    # Checkpoints every 15 steps, reports every 10: steps 15 and 45 checkpoint without a log step.
+    trial = make_trial(
+        deepspeed__zero_stage=1, train__checkpoint_every=15, train__log_every=10, run__checkpoints_to_keep=10
+    )
+    check_recipe(*run_trial(trial))
+    assert sorted(checkpointed_steps(tmp_path / "runs" / "trial")) == [15, 30, 45, 60]
 
 
 def _losses(history: list[dict]) -> dict[int, float]:
@@ -88,7 +133,9 @@ def _losses(history: list[dict]) -> dict[int, float]:
 
 def assert_same_run(history: list[dict], reference: list[dict]) -> None:
     resumes = events(history, "resume")
-    assert len(resumes) == 1 and 20 <= resumes[0]["from_step"] <= 45, "it must resume from a checkpoint, not restart"
+    # From the last checkpoint Ray Train had recorded when the worker died (30 or 40 here, as
+    # the kill races the report of the step-40 one): never from the start.
+    assert len(resumes) == 1 and 20 <= resumes[0]["from_step"] < 70, "it must resume from a checkpoint, not restart"
     steps = [h["step"] for h in history if "train_loss" in h]
     assert len(steps) == len(set(steps)), "a resumed run must not repeat reports"
     ours, theirs = _losses(history), _losses(reference)
@@ -102,12 +149,11 @@ def assert_same_run(history: list[dict], reference: list[dict]) -> None:
 def test_killed_run_resumes_where_it_stopped(zero2_run, local_ray, make_trial, tmp_path):
     reference = read_history(zero2_run[2].checkpoint.path)
     trial = make_trial()
-    marker = tmp_path / "crashed"
-    # A worker dies at step 45, after the checkpoint at 40; no retries: the run fails.
-    _, _, _, error = run_trial(trial, name="killed", crash={"step": 45, "marker": str(marker)})
-    assert error is not None and marker.exists()
-    # Running it again resumes from the step-40 checkpoint and finishes the same run.
-    cfg, data, result, error = run_trial(trial, name="killed")
+    # A worker is killed after the checkpoint at step 40; no retries: the run fails.
+    *_, error, killed = run_trial(trial, name="killed", kill_after_checkpoint=40)
+    assert error is not None and len(killed) == 1
+    # Running it again resumes from its last checkpoint and finishes the same run.
+    cfg, data, result, error, _ = run_trial(trial, name="killed")
     assert error is None, error
     history = read_history(result.checkpoint.path)
     assert_same_run(history, reference)
@@ -116,8 +162,7 @@ def test_killed_run_resumes_where_it_stopped(zero2_run, local_ray, make_trial, t
 
 def test_lost_worker_is_recovered_by_ray_train(zero2_run, local_ray, make_trial, tmp_path):
     reference = read_history(zero2_run[2].checkpoint.path)
-    marker = tmp_path / "crashed"
-    cfg, data, result, error = run_trial(make_trial(run__max_failures=1), crash={"step": 45, "marker": str(marker)})
+    cfg, data, result, error, killed = run_trial(make_trial(run__max_failures=1), kill_after_checkpoint=40)
     assert error is None, error
-    assert marker.exists(), "the worker was killed once"
+    assert len(killed) == 1, "a worker was killed once"
     assert_same_run(read_history(result.checkpoint.path), reference)

@@ -1,0 +1,29 @@
+"""The end-of-sweep report read back from a real MLflow store: best values by the sweep's mode."""
+
+import math
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.report import summary_table, trial_rows
+from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG
+
+
+def _store_with_two_trials(tmp_path) -> tuple[MlflowClient, str]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("e")
+    for trial, values in (("a", [100.0, 300.0, 200.0]), ("b", [150.0, 250.0])):
+        run = client.create_run(experiment, tags={SWEEP_TAG: "s", TRIAL_ID_TAG: trial, "status": "completed"})
+        for step, value in enumerate(values):
+            client.log_metric(run.info.run_id, "tokens_per_s", value, step=step)
+        client.log_param(run.info.run_id, "relora.rank", trial)
+    return client, experiment
+
+
+def test_mode_max_takes_the_largest_value_as_best(tmp_path):
+    client, experiment = _store_with_two_trials(tmp_path)
+    rows = trial_rows(client, experiment, "s", ["relora.rank"], "tokens_per_s", mode="max")
+    assert {r["trial"]: r["best"] for r in rows} == {"a": 300.0, "b": 250.0}
+    assert "300.000" in summary_table(rows, ["relora.rank"], "tokens_per_s")
+    rows = trial_rows(client, experiment, "s", ["relora.rank"], "tokens_per_s", mode="min")
+    assert {r["trial"]: r["best"] for r in rows} == {"a": 100.0, "b": 150.0}
+    assert not math.isnan(rows[0]["best"])
