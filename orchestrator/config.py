@@ -8,6 +8,7 @@ of the first bad key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -277,14 +278,43 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def load_config(path: str | Path, storage: str | None = None) -> TrialConfig:
+def load_config(path: str | Path, storage: str | None = None, overrides: list[str] = ()) -> TrialConfig:
     """Read and check a trial config file (a sweep file's `search` block is not allowed here).
 
-    ``storage`` (the CLI's `--storage`, else `$RELORA_STORAGE`) replaces `run.storage_path`."""
-    data = load_yaml(path)
+    ``storage`` (the CLI's `--storage`, else `$RELORA_STORAGE`) replaces `run.storage_path`;
+    ``overrides`` are the CLI's `--set key.path=value`, checked like the file itself."""
+    data = with_overrides(load_yaml(path), overrides)
     if isinstance(data, dict) and "search" in data:
         raise ConfigError("search", "belongs in a sweep file; run it with `python -m orchestrator.sweep`")
     return config_from_dict(with_storage(data, storage))
+
+
+def set_dotted(config: dict, path: str, value: Any) -> dict:
+    """A copy of ``config`` with ``value`` at the dotted ``path``."""
+    out = copy.deepcopy(config)
+    node = out
+    *parents, leaf = path.split(".")
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(".".join(parents[: depth + 1]), f"is a value, not a section: cannot set {path}")
+    node[leaf] = value
+    return out
+
+
+def with_overrides(data: Any, overrides: list[str]) -> Any:
+    """``data`` with each `key.path=value` of the CLI's `--set` applied; values are YAML scalars
+    or flow collections (`--set relora.rank=64`, `--set optim.betas=[0.9,0.99]`)."""
+    for item in overrides:
+        path, sep, text = item.partition("=")
+        if not sep or not path or any(not part for part in path.split(".")):
+            raise ConfigError("--set", f"expects key.path=value, got {item[:200]!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(path, f"--set value is not valid YAML: {text[:200]!r}") from None
+        data = set_dotted(data if isinstance(data, dict) else {}, path, value)
+    return data
 
 
 def with_storage(data: Any, storage: str | None) -> Any:

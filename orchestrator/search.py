@@ -24,14 +24,13 @@ Named variants sweep several keys together (an ablation table), as a grid over n
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
-from orchestrator.config import ConfigError, TrialConfig, _build, check_positive, config_from_dict
+from orchestrator.config import ConfigError, TrialConfig, _build, check_positive, config_from_dict, set_dotted
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 MAX_CHECKED_COMBINATIONS = 4096
@@ -94,17 +93,6 @@ def _key_exists(path: str) -> bool:
             return False
         cls = hints[part]
     return not is_dataclass(cls)
-
-
-def set_dotted(config: dict, path: str, value: Any) -> dict:
-    """A copy of ``config`` with ``value`` at the dotted ``path``."""
-    out = copy.deepcopy(config)
-    node = out
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    return out
 
 
 VARIANT = "variant"

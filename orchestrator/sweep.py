@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from orchestrator.config import ConfigError, load_yaml, with_storage
+from orchestrator.config import ConfigError, load_yaml, with_overrides, with_storage
 from orchestrator.data import PreparedData, prepare_data, share_data
 from orchestrator.search import SweepSpec, load_sweep, trial_config_dict, tune_param_space
 
@@ -203,9 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
     parser.add_argument("--storage", help="where trials write (default: $RELORA_STORAGE, else run.storage_path)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. search.num_samples=4"
+    )
     args = parser.parse_args(argv)
     try:
-        spec = load_sweep(with_storage(load_yaml(args.spec), args.storage))
+        spec = load_sweep(with_storage(with_overrides(load_yaml(args.spec), args.set), args.storage))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -115,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming a run of the same name")
     parser.add_argument("--storage", help="where the run writes (default: $RELORA_STORAGE, else run.storage_path)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. relora.rank=64"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.storage)
+        cfg = load_config(args.config, args.storage, args.set)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -74,16 +74,45 @@ def test_unknown_section_and_search_block(make_trial, tmp_path):
 def test_cli_exits_with_one_line_before_ray_starts(make_trial, tmp_path, section, key, value, path):
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(_with(make_trial, section, key, value)))
+    assert_refused_before_ray(config, [], path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "path"),
+    [
+        (["relora.rank=0"], "relora.rank"),
+        (["relora.rnak=8"], "relora.rnak"),
+        (["optim.lr=fast"], "optim.lr"),
+        (["seed.x=1"], "seed"),
+        (["relora.rank"], "--set"),
+        (["relora.rank=8", "train.total_steps=10"], "relora.warm_start_steps"),  # 20 >= 10, after both apply
+    ],
+)
+def test_set_overrides_are_checked_like_the_file(make_trial, tmp_path, overrides, path):
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump(make_trial()))
+    assert_refused_before_ray(config, [arg for item in overrides for arg in ("--set", item)], path)
+
+
+def test_set_overrides_apply_yaml_values(make_trial, tmp_path):
+    config = tmp_path / "good.yaml"
+    config.write_text(yaml.safe_dump(make_trial()))
+    cfg = load_config(config, overrides=["relora.rank=8", "optim.betas=[0.9, 0.99]", "run.name=from-cli"])
+    assert cfg.relora.rank == 8 and cfg.optim.betas == (0.9, 0.99) and cfg.run.name == "from-cli"
+
+
+def assert_refused_before_ray(config, extra_args: list[str], path: str) -> None:
     probe = (
         "import sys, runpy\n"
-        "sys.argv = ['orchestrator.train', sys.argv[1]]\n"
+        "sys.argv = ['orchestrator.train', *sys.argv[1:]]\n"
         "try:\n"
         "    runpy.run_module('orchestrator.train', run_name='__main__')\n"
         "except SystemExit as e:\n"
         "    assert 'ray' not in sys.modules, 'Ray was imported before the config was checked'\n"
         "    raise\n"
     )
-    out = subprocess.run([sys.executable, "-c", probe, str(config)], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", probe, str(config), *extra_args]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: {path}:"), out.stderr

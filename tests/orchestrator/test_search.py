@@ -65,6 +65,13 @@ def test_cli_dry_run_and_bad_file(make_trial, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "2 trials" in out.stdout and "relora.rank: grid [2, 4]" in out.stdout and "2 workers" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.sweep", str(good), "--dry-run", "--set", "search.num_samples=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "6 trials (2 grid points x 3 samples)" in out.stdout, out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_sweep(make_trial, params={"relora.rank": {"grid": [0]}})))
     out = subprocess.run(
