@@ -164,8 +164,12 @@ def test_ray_up_job_submit_and_ray_down(machine):
         # The README's commands, word for word but for the address (no tunnel to the same machine).
         machine.laptop_env["RAY_AUTH_MODE"] = "token"
         submit = ["ray", "job", "submit", "--address", DASHBOARD, "--working-dir", ".", "--"]
-        job = machine.run(*submit, "python", "-m", "orchestrator.sweep", "search_spaces/demo.yaml", timeout=1500)
-        output = job.stdout + job.stderr
+        for _ in range(12):  # right after `ray up` the head's job agent may not have registered yet
+            job = machine.run(*submit, "python", "-m", "orchestrator.sweep", "search_spaces/demo.yaml", timeout=1500)
+            output = job.stdout + job.stderr
+            if "No available agent to submit job" not in output:
+                break
+            time.sleep(5)
         assert job.returncode == 0 and "succeeded" in output, output[-6000:]
         (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", output))
         assert job_id in machine.run("ray", "job", "list", "--address", DASHBOARD, timeout=120).stdout
