@@ -13,6 +13,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -278,7 +279,7 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-def load_config(path: str | Path, storage: str | None = None, overrides: list[str] = ()) -> TrialConfig:
+def load_config(path: str | Path, storage: str | None = None, overrides: Sequence[str] = ()) -> TrialConfig:
     """Read and check a trial config file (a sweep file's `search` block is not allowed here).
 
     ``storage`` (the CLI's `--storage`, else `$RELORA_STORAGE`) replaces `run.storage_path`;
@@ -302,7 +303,7 @@ def set_dotted(config: dict, path: str, value: Any) -> dict:
     return out
 
 
-def with_overrides(data: Any, overrides: list[str]) -> Any:
+def with_overrides(data: Any, overrides: Sequence[str]) -> Any:
     """``data`` with each `key.path=value` of the CLI's `--set` applied; values are YAML scalars
     or flow collections (`--set relora.rank=64`, `--set optim.betas=[0.9,0.99]`)."""
     for item in overrides:
