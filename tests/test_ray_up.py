@@ -6,7 +6,8 @@ cluster.local.yaml marked EDIT are changed. Then the README's `ray job submit` r
 demo sweep, with token authentication on, and `ray down` must leave nothing behind.
 
 Needs root (to add the user), Debian's openssh-server and rsync, and the ports
-22, 5000, 6379 and 8265 of 127.0.0.1 free. Elsewhere it is skipped, unless
+22, 5000, 6379, 8265 and 52365 (the head's job agent) of 127.0.0.1 free: any Ray
+this test process started is shut down first. Elsewhere it is skipped, unless
 RELORA_REQUIRE_RAY_UP=1 (as in .ci/run) turns that into a failure.
 """
 
@@ -32,15 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 USER = "relora-rayup"
 DASHBOARD = "http://127.0.0.1:8265"
 MLFLOW = "http://127.0.0.1:5000"
+AGENT_PORT = 52365  # every raylet's dashboard agent, even with include_dashboard=False
 
 
 def missing_requirement() -> str | None:
+    # A Ray left running by earlier tests in this process holds the agent port: the head's own
+    # agent then never registers, and every job submit is refused with "No available agent".
+    import ray
+
+    ray.shutdown()
     if os.geteuid() != 0:
         return "needs root, to add a throwaway SSH user"
     for tool in ("/usr/sbin/sshd", "ssh", "ssh-keygen", "rsync", "useradd"):
         if not shutil.which(tool):
             return f"needs {tool} (apt-get install openssh-server rsync)"
-    for port in (22, 5000, 6379, 8265):
+    for port in (22, 5000, 6379, 8265, AGENT_PORT):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return f"port {port} of 127.0.0.1 is in use"
@@ -119,6 +126,15 @@ def machine():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def head_logs(machine: Machine) -> str:
+    """The tails of the head's agent and raylet logs, for a failure message."""
+    tails = []
+    for log in sorted(machine.home.glob("**/session_latest/logs/*")):
+        if log.name in ("dashboard_agent.log", "raylet.out", "dashboard.log") and log.is_file():
+            tails.append(f"--- {log.name}\n" + log.read_text(errors="replace")[-2000:])
+    return "\n".join(tails)
+
+
 def edited_cluster_file(machine: Machine) -> Path:
     """cluster.local.yaml with its EDIT lines set for this machine, and nothing else changed."""
     original = (REPO / "cluster.local.yaml").read_text().splitlines()
@@ -170,7 +186,7 @@ def test_ray_up_job_submit_and_ray_down(machine):
             if "No available agent to submit job" not in output:
                 break
             time.sleep(5)
-        assert job.returncode == 0 and "succeeded" in output, output[-6000:]
+        assert job.returncode == 0 and "succeeded" in output, output[-6000:] + head_logs(machine)
         (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", output))
         assert job_id in machine.run("ray", "job", "list", "--address", DASHBOARD, timeout=120).stdout
         assert "best trial" in machine.run("ray", "job", "logs", job_id, "--address", DASHBOARD, timeout=120).stdout
