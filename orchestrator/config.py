@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import os
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 import relora
 
@@ -29,6 +31,12 @@ class ConfigError(ValueError):
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path}: {message}")
         self.path = path
+        self.message = message
+
+
+Positive = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
 @dataclass(frozen=True)
@@ -48,37 +56,38 @@ class DataConfig:
     hub_name: str = ""
     hub_split: str = "train"
     streaming: bool = False  # stream a large hub dataset instead of downloading it whole
-    max_documents: int = 0  # 0: all; with streaming, how many documents to take
+    max_documents: NonNegative = 0  # 0: all; with streaming, how many documents to take
     text_column: str = "text"
     # "bpe": a byte-level BPE trained on the corpus with `tokenizers` (cached); anything
     # else is a hub tokenizer name or a local tokenizer directory.
     tokenizer: str = "bpe"
-    vocab_size: int = 4096  # for tokenizer: bpe
-    seq_len: int = 128  # tokens per packed block
-    validation_fraction: float = 0.05  # of the documents, held out before packing
+    vocab_size: Positive = 4096  # for tokenizer: bpe
+    seq_len: Positive = 128  # tokens per packed block
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05  # of the documents, held out before packing
     cache_dir: str = "~/.cache/relora-sweeps/data"  # on a cluster: a shared path
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10  # linear warmup at the start of training
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0: off
+    warmup_steps: NonNegative = 10  # linear warmup at the start of training
+    min_lr_ratio: Fraction = 0.1  # the cosine ends at lr * min_lr_ratio
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0: off
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_steps: int = 100  # optimizer steps
-    global_batch_size: int = 16  # sequences per optimizer step, over all workers
-    micro_batch_size: int = 8  # sequences per worker per forward pass
-    eval_every: int = 20  # steps between validation passes (and the last step)
-    eval_blocks: int = 64  # validation blocks per pass (0: the whole split)
-    checkpoint_every: int = 20  # steps between DeepSpeed checkpoints
-    log_every: int = 5  # steps between train-loss reports
-    update_rank_threshold: float = 0.1  # singular values above this count towards the update rank
+    total_steps: Positive = 100  # optimizer steps
+    global_batch_size: Positive = 16  # sequences per optimizer step, over all workers
+    micro_batch_size: Positive = 8  # sequences per worker per forward pass
+    eval_every: Positive = 20  # steps between validation passes (and the last step)
+    eval_blocks: NonNegative = 64  # validation blocks per pass (0: the whole split)
+    checkpoint_every: Positive = 20  # steps between DeepSpeed checkpoints
+    log_every: Positive = 5  # steps between train-loss reports
+    # Singular values of a merged update above this count towards its rank.
+    update_rank_threshold: Annotated[float, Field(ge=0)] = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,12 +99,12 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 2
+    num_workers: Positive = 2
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs if the Ray cluster has them
     # GPUs per worker when it uses them: 1 (one DeepSpeed rank per GPU), or a fraction to
     # pack the workers of small models onto one GPU. Never more: add workers instead.
     gpus_per_worker: float = 1.0
-    cpus_per_worker: int = 1
+    cpus_per_worker: Positive = 1
     # Extra Ray resources each worker asks for: a custom resource of some nodes, or
     # {"accelerator_type:H100": 0.001} to pick a GPU type on a mixed cluster.
     resources_per_worker: dict[str, float] = field(default_factory=dict)
@@ -105,12 +114,15 @@ class ScalingConfig:
 class RunConfig:
     name: str = "relora"
     storage_path: str = "./runs"  # local folder, shared filesystem or s3://... on a cluster
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
-    checkpoints_to_keep: int = 2
+    max_failures: Annotated[int, Field(ge=-1)] = 2  # worker-group restarts from the last checkpoint; -1: no limit
+    checkpoints_to_keep: Positive = 2
 
 
 @dataclass(frozen=True)
 class TrialConfig:
+    """One trial, resolved: every default filled in and every relation between keys checked."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", strict=True)
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -126,90 +138,30 @@ class TrialConfig:
         """Micro-batches per worker per optimizer step: global / (micro * workers)."""
         return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
 
-
-# --- loading -------------------------------------------------------------------------
-
-
-def _check_type(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(path, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _check_type(value, option, path)
-            except ConfigError:
-                continue
-        raise ConfigError(path, f"has the wrong type: {value!r}")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(path, f"must be a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _check_type(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"must be a list, got {type(value).__name__} {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(path, f"must have {len(args)} items, got {len(value)}")
-            return tuple(_check_type(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        items = [_check_type(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(path, f"must be true or false, got {value!r}")
-    if hint in (int, float) and isinstance(value, bool):
-        raise ConfigError(path, f"must be a number, got {value!r}")
-    if not isinstance(value, hint):
-        raise ConfigError(path, f"must be {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+    def __post_init__(self) -> None:
+        _check_relations(self)
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(path or "<root>", f"must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{path}.{key}" if path else str(key), f"unknown key; known keys: {sorted(fields)}")
-    values = {key: _check_type(value, hints[key], f"{path}.{key}" if path else key) for key, value in data.items()}
-    try:
-        return cls(**values)
-    except ValueError as error:  # relora.ReLoRAConfig validates itself and names the field
-        message = str(error)
-        name = message.split(" ", 1)[0]
-        raise ConfigError(f"{path}.{name}" if name in fields else path, message) from None
-
-
-def check_positive(values: dict[str, float]) -> None:
-    """Raise `ConfigError` for the first dotted path whose value is not positive."""
-    for path, value in values.items():
-        if value <= 0:
-            raise ConfigError(path, f"must be positive, got {value!r}")
+def _check_data(d: DataConfig) -> None:
+    """What the data section must say of itself, without looking at the disk."""
+    if d.source == "file":
+        if not d.paths:
+            raise ConfigError("data.paths", "must list at least one file when data.source is 'file'")
+        for i, p in enumerate(d.paths):  # whether they exist is `check_environment`'s
+            path = Path(p).expanduser()
+            if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
+                raise ConfigError(
+                    f"data.paths[{i}]", f"unsupported file type {path.suffix!r} (txt, jsonl, json, parquet)"
+                )
+    if d.source == "hub" and not d.hub_path:
+        raise ConfigError("data.hub_path", "must name a hub dataset when data.source is 'hub'")
+    if d.tokenizer == "bpe" and d.vocab_size < 300:
+        raise ConfigError("data.vocab_size", f"must be at least 300 for a byte-level BPE, got {d.vocab_size}")
 
 
 def _check_relations(cfg: TrialConfig) -> None:
+    """What no single key's type can say; raises `ConfigError` naming the key to change."""
     t, r, d = cfg.train, cfg.relora, cfg.data
-    check_positive(
-        {
-            "train.total_steps": t.total_steps,
-            "train.global_batch_size": t.global_batch_size,
-            "train.micro_batch_size": t.micro_batch_size,
-            "train.eval_every": t.eval_every,
-            "train.checkpoint_every": t.checkpoint_every,
-            "train.log_every": t.log_every,
-            "data.seq_len": d.seq_len,
-            "scaling.num_workers": cfg.scaling.num_workers,
-            "scaling.cpus_per_worker": cfg.scaling.cpus_per_worker,
-            "optim.lr": cfg.optim.lr,
-        }
-    )
     if not 0 < cfg.scaling.gpus_per_worker <= 1:
         raise ConfigError(
             "scaling.gpus_per_worker",
@@ -227,31 +179,13 @@ def _check_relations(cfg: TrialConfig) -> None:
         raise ConfigError(
             "relora.warm_start_steps", f"must be < train.total_steps = {t.total_steps}, got {r.warm_start_steps}"
         )
-    if not 0 <= cfg.optim.warmup_steps < t.total_steps:
+    if cfg.optim.warmup_steps >= t.total_steps:
         raise ConfigError("optim.warmup_steps", f"must lie in [0, train.total_steps = {t.total_steps})")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError("optim.min_lr_ratio", f"must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if not 0.0 < d.validation_fraction < 1.0:
-        raise ConfigError("data.validation_fraction", f"must lie in (0, 1), got {d.validation_fraction}")
     if cfg.model.name not in relora.MODEL_SHAPES:
         raise ConfigError(
             "model.name", f"unknown model {cfg.model.name!r}; choose one of {sorted(relora.MODEL_SHAPES)}"
         )
-    if d.source == "file":
-        if not d.paths:
-            raise ConfigError("data.paths", "must list at least one file when data.source is 'file'")
-        for i, p in enumerate(d.paths):
-            path = Path(p).expanduser()
-            if not path.is_file():
-                raise ConfigError(f"data.paths[{i}]", f"no such file: {path}")
-            if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
-                raise ConfigError(
-                    f"data.paths[{i}]", f"unsupported file type {path.suffix!r} (txt, jsonl, json, parquet)"
-                )
-    if d.source == "hub" and not d.hub_path:
-        raise ConfigError("data.hub_path", "must name a hub dataset when data.source is 'hub'")
-    if d.tokenizer == "bpe" and d.vocab_size < 300:
-        raise ConfigError("data.vocab_size", f"must be at least 300 for a byte-level BPE, got {d.vocab_size}")
+    _check_data(d)
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage",
@@ -261,11 +195,111 @@ def _check_relations(cfg: TrialConfig) -> None:
         )
 
 
+# --- loading -------------------------------------------------------------------------
+# pydantic validates the YAML as JSON data against the dataclasses above: strict types (no
+# "8" for 8), unknown keys refused, and each __post_init__ run. Its first error becomes one
+# `ConfigError` line: the dotted path, what the value must be, and the value given.
+
+
+def _field_hints(cls: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _dotted(root: type, loc: tuple) -> tuple[str, Any]:
+    """The dotted path of a pydantic error location, and the type found there."""
+    path, hint = "", root
+    for item in loc:
+        if isinstance(item, int):
+            path, args = f"{path}[{item}]", typing.get_args(hint)
+            hint = args[item] if item < len(args) and args[-1] is not Ellipsis else (args or (Any,))[0]
+        elif item in _field_hints(hint):
+            path, hint = f"{path}.{item}" if path else item, _field_hints(hint)[item]
+        elif typing.get_origin(hint) is dict:
+            path, hint = f"{path}.{item}" if path else item, typing.get_args(hint)[1]
+        else:  # the member tag of a union: the path ends at the union's own key
+            break
+    return path, hint
+
+
+def _as_config_error(error: ValidationError, root: type, prefix: str = "") -> ConfigError:
+    first = error.errors()[0]
+    path, hint = _dotted(root, first["loc"])
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a relation check, with its own full path
+        return cause
+    if isinstance(cause, relora.HyperparameterError):  # relora.ReLoRAConfig checks itself
+        path, message = f"{path}.{cause.field}", cause.problem
+    elif first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        parent_path, parent = _dotted(root, first["loc"][:-1])
+        path = f"{parent_path}.{first['loc'][-1]}" if parent_path else str(first["loc"][-1])
+        message = f"unknown key; known keys: {sorted(_field_hints(parent))}"
+    elif first["type"] == "too_long" or (first["type"] == "missing" and isinstance(first["loc"][-1], int)):
+        path, pair = _dotted(root, first["loc"][:-1] if first["type"] == "missing" else first["loc"])
+        message = f"must have {len(typing.get_args(pair))} items, got {first['input']!r}"
+    else:  # a union fails once per member: say what each member would have taken
+        same = [e for e in error.errors() if _dotted(root, e["loc"])[0] == path] or [first]
+        wanted = " or ".join(dict.fromkeys(e["msg"].replace("Input should be ", "") for e in same))
+        message = f"must be {wanted}, got {first['input']!r}"
+    if not path:
+        path = "<root>"
+    return ConfigError(f"{prefix}.{path}" if prefix and path != "<root>" else prefix or path, message)
+
+
+def validate(cls: type, data: Any, prefix: str = "") -> Any:
+    """``data`` (parsed YAML) as an instance of the config dataclass ``cls``, or `ConfigError`."""
+    try:
+        document = json.dumps(data, default=str)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(prefix or "<root>", f"is not plain YAML data: {error}") from None
+    try:
+        return _adapter(cls).validate_json(document)
+    except ValidationError as error:
+        raise _as_config_error(error, cls, prefix) from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def check_environment(cfg: TrialConfig) -> None:
+    """What the spec cannot know: whether its input files exist on this machine (the driver's).
+
+    Run once, before Ray starts; Tune actors and Train workers never repeat it."""
+    if cfg.data.source != "file":
+        return
+    for i, p in enumerate(cfg.data.paths):
+        path = Path(p).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"data.paths[{i}]", f"no such file: {path}")
+
+
+def known_key(path: str) -> bool:
+    """Whether ``path`` (e.g. ``relora.rank``) names a value of a trial config."""
+    hint: Any = TrialConfig
+    for part in path.split("."):
+        if part not in _field_hints(hint):
+            return False
+        hint = _field_hints(hint)[part]
+    return not dataclasses.is_dataclass(hint)
+
+
+def replace_dotted(cfg: Any, path: str, value: Any) -> Any:
+    """A copy of the config dataclass ``cfg`` with ``value`` at ``path``; every __post_init__ on
+    the way runs again. For values already checked (a sweep's samples, checked at load)."""
+    head, _, rest = path.partition(".")
+    if rest:
+        return dataclasses.replace(cfg, **{head: replace_dotted(getattr(cfg, head), rest, value)})
+    hint = typing.get_type_hints(type(cfg), include_extras=True)[head]
+    return dataclasses.replace(cfg, **{head: _adapter(hint).validate_python(value)})  # [0.9, 0.99] -> a tuple
+
+
 def config_from_dict(data: dict) -> TrialConfig:
     """Build and check a ``TrialConfig``; raises ``ConfigError`` naming the bad key."""
-    cfg = _build(TrialConfig, data or {}, "")
-    _check_relations(cfg)
-    return cfg
+    return validate(TrialConfig, data or {})
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -283,11 +317,14 @@ def load_config(path: str | Path, storage: str | None = None, overrides: Sequenc
     """Read and check a trial config file (a sweep file's `search` block is not allowed here).
 
     ``storage`` (the CLI's `--storage`, else `$RELORA_STORAGE`) replaces `run.storage_path`;
-    ``overrides`` are the CLI's `--set key.path=value`, checked like the file itself."""
+    ``overrides`` are the CLI's `--set key.path=value`, checked like the file itself. Then
+    the files it reads must exist here, on the driver."""
     data = with_overrides(load_yaml(path), overrides)
     if isinstance(data, dict) and "search" in data:
         raise ConfigError("search", "belongs in a sweep file; run it with `python -m orchestrator.sweep`")
-    return config_from_dict(with_storage(data, storage))
+    cfg = config_from_dict(with_storage(data, storage))
+    check_environment(cfg)
+    return cfg
 
 
 def set_dotted(config: dict, path: str, value: Any) -> dict:

@@ -212,6 +212,29 @@ def _pack(batch: dict, *, seq_len: int, eos_id: int) -> dict:
     return {"input_ids": [stream[i : i + seq_len] for i in range(0, usable, seq_len)]}
 
 
+def _tokenize_and_pack(part: datasets.Dataset, name: str, tokenizer, cfg: DataConfig, num_proc: int):
+    """One split's documents as `seq_len`-token blocks, documents joined by the EOS token."""
+    ids = part.map(
+        lambda b: {"input_ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]},
+        batched=True,
+        remove_columns=["text"],
+        # Forked tokenizer processes pay off only on large corpora. Prepare before
+        # `ray.init`: a fork after it has left the driver's gRPC link to Ray hung.
+        num_proc=num_proc if len(part) > 50_000 else None,
+        desc=f"tokenizing {name}",
+    )
+    packed = ids.map(
+        _pack,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs={"seq_len": cfg.seq_len, "eos_id": tokenizer.eos_token_id},
+        desc=f"packing {name} into {cfg.seq_len}-token blocks",
+    )
+    if len(packed) == 0:
+        raise ValueError(f"data: the {name} split holds fewer than data.seq_len={cfg.seq_len} tokens")
+    return packed
+
+
 def prepare_data(cfg: DataConfig, *, num_proc: int | None = None) -> PreparedData:
     """Tokenize and pack once; later calls with the same settings return the cache."""
     cache_dir = Path(cfg.cache_dir).expanduser()
@@ -230,26 +253,10 @@ def prepare_data(cfg: DataConfig, *, num_proc: int | None = None) -> PreparedDat
         raise ValueError(f"data.tokenizer: {cfg.tokenizer!r} has no end-of-text token to separate documents")
     split = documents.train_test_split(test_size=cfg.validation_fraction, seed=0, shuffle=True)
     num_proc = num_proc or min(4, os.cpu_count() or 1)
-    packed = {}
-    for name, part in ((TRAIN, split["train"]), (VALIDATION, split["test"])):
-        ids = part.map(
-            lambda b: {"input_ids": tokenizer(b["text"], add_special_tokens=False)["input_ids"]},
-            batched=True,
-            remove_columns=["text"],
-            # Forked tokenizer processes pay off only on large corpora. Prepare before
-            # `ray.init`: a fork after it has left the driver's gRPC link to Ray hung.
-            num_proc=num_proc if len(part) > 50_000 else None,
-            desc=f"tokenizing {name}",
-        )
-        packed[name] = ids.map(
-            _pack,
-            batched=True,
-            batch_size=1000,
-            fn_kwargs={"seq_len": cfg.seq_len, "eos_id": tokenizer.eos_token_id},
-            desc=f"packing {name} into {cfg.seq_len}-token blocks",
-        )
-        if len(packed[name]) == 0:
-            raise ValueError(f"data: the {name} split holds fewer than data.seq_len={cfg.seq_len} tokens")
+    packed = {
+        name: _tokenize_and_pack(part, name, tokenizer, cfg, num_proc)
+        for name, part in ((TRAIN, split["train"]), (VALIDATION, split["test"]))
+    }
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".tmp-"))
     datasets.DatasetDict(packed).save_to_disk(str(tmp / "blocks"))
     tokenizer.save_pretrained(tmp / "tokenizer")

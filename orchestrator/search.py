@@ -24,53 +24,79 @@ Named variants sweep several keys together (an ablation table), as a grid over n
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Literal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from orchestrator.config import ConfigError, TrialConfig, _build, check_positive, config_from_dict, set_dotted
+from pydantic import ConfigDict, Field
+
+from orchestrator.config import (
+    ConfigError,
+    Positive,
+    TrialConfig,
+    check_environment,
+    config_from_dict,
+    config_to_dict,
+    known_key,
+    replace_dotted,
+    set_dotted,
+    validate,
+)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 MAX_CHECKED_COMBINATIONS = 4096
 # What a trial reports and a sweep may rank by: losses (mode min) or throughput (mode max).
-METRICS = ("val_ppl", "val_loss", "train_loss", "tokens_per_s")
+Metric = Literal["val_ppl", "val_loss", "train_loss", "tokens_per_s"]
+METRICS = get_args(Metric)
+VARIANT = "variant"
 
 
 @dataclass(frozen=True)
 class SchedulerSpec:
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = 20  # steps every trial runs before ASHA may stop it
-    reduction_factor: int = 2  # ASHA keeps 1 / reduction_factor at each rung
+    grace_period: Positive = 20  # steps every trial runs before ASHA may stop it
+    reduction_factor: Annotated[int, Field(ge=2)] = 2  # ASHA keeps 1 / reduction_factor at each rung
 
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    num_workers: int = 2  # Ray Train workers per trial
+    num_workers: Positive = 2  # Ray Train workers per trial
     gpus_per_worker: float = 0  # 0: CPUs only; 1: a GPU per worker; a fraction shares one
-    cpus_per_worker: int = 1
+    cpus_per_worker: Positive = 1
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.gpus_per_worker <= 1:
+            raise ConfigError(
+                "search.resources.gpus_per_worker",
+                "must lie in [0, 1]: one DeepSpeed rank uses one GPU (add workers for more), "
+                f"got {self.gpus_per_worker}",
+            )
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    params: dict = field(default_factory=dict)
-    variants: dict = field(default_factory=dict)  # name -> {dotted.key: value}, swept as a grid
-    num_samples: int = 1
-    metric: str = "val_ppl"
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", strict=True)
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted.key -> {distribution: values}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted.key: value}, a grid
+    num_samples: Positive = 1
+    metric: Metric = "val_ppl"
     mode: Literal["min", "max"] = "min"
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     search_alg: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: int = 2
+    max_concurrent_trials: Positive = 2
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     register_model: str = ""
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    base: dict  # the trial config, as written (with the resources applied)
-    base_config: TrialConfig
+    """A checked sweep: the base trial, resolved once, and the search over it."""
+
+    base_config: TrialConfig  # every default filled in, with the search's resources applied
     search: SearchSpec
 
     @property
@@ -82,37 +108,30 @@ class SweepSpec:
     def num_trials(self) -> int:
         return self.grid_size * self.search.num_samples
 
-
-def _key_exists(path: str) -> bool:
-    cls: Any = TrialConfig
-    for part in path.split("."):
-        if not is_dataclass(cls):
-            return False
-        hints = typing.get_type_hints(cls)
-        if part not in {f.name for f in fields(cls)}:
-            return False
-        cls = hints[part]
-    return not is_dataclass(cls)
+    def trial(self, params: dict) -> TrialConfig:
+        """The config of one sample of the search space (Tune's ``trial.config``)."""
+        return resolve_trial(self.base_config, params, self.search.variants)
 
 
-VARIANT = "variant"
-
-
-def trial_config_dict(base: dict, params: dict, variants: dict | None = None) -> dict:
-    """The resolved trial config of one sample of the search space."""
-    config = base
+def _overrides(params: dict, variants: dict) -> dict:
+    """A sample's values by dotted path, its variant's (if any) first."""
     params = dict(params)
     if VARIANT in params:
-        params = {**(variants or {})[params.pop(VARIANT)], **params}
-    for path, value in params.items():
-        config = set_dotted(config, path, value)
-    return config
+        params = {**variants[params.pop(VARIANT)], **params}
+    return params
 
 
-def _check_distribution(path: str, dist: Any) -> list:
+def resolve_trial(base: TrialConfig, params: dict, variants: dict) -> TrialConfig:
+    """``base`` with a sample's values applied: typed replaces of values checked at load time."""
+    for path, value in _overrides(params, variants).items():
+        base = replace_dotted(base, path, value)
+    return base
+
+
+def _check_distribution(path: str, dist: dict) -> list:
     """The values a distribution can take at its edges (all of them for grid/choice)."""
     where = f"search.params.{path}"
-    if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
         raise ConfigError(where, f"must be one mapping of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
     kind, values = next(iter(dist.items()))
     if kind in ("grid", "choice"):
@@ -133,85 +152,85 @@ def _check_distribution(path: str, dist: Any) -> list:
     return [low, high]
 
 
-def load_sweep(data: dict) -> SweepSpec:
-    """Check a sweep file's content: the trial config, the search block, and every
-    combination of the swept values at their edges. Raises `ConfigError` naming the path."""
-    if not isinstance(data, dict) or "search" not in data:
-        raise ConfigError("search", "a sweep file needs a `search` block (use orchestrator.train for one trial)")
-    data = dict(data)
-    search = _build(SearchSpec, data.pop("search") or {}, "search")
-    check_positive(
-        {
-            "search.num_samples": search.num_samples,
-            "search.max_concurrent_trials": search.max_concurrent_trials,
-            "search.resources.num_workers": search.resources.num_workers,
-            "search.resources.cpus_per_worker": search.resources.cpus_per_worker,
-            "search.scheduler.grace_period": search.scheduler.grace_period,
-        }
-    )
-    if search.scheduler.reduction_factor < 2:
-        raise ConfigError("search.scheduler.reduction_factor", "must be at least 2")
-    if search.metric not in METRICS:
-        raise ConfigError("search.metric", f"must be one of {list(METRICS)}, got {search.metric!r}")
+def _check_swept_keys(search: SearchSpec) -> None:
+    for path in search.params:
+        if not known_key(path):
+            raise ConfigError(f"search.params.{path}", "is not a config key (use a dotted path such as relora.rank)")
+        if path.startswith("scaling."):
+            raise ConfigError(f"search.params.{path}", "set workers and GPUs in search.resources, not per trial")
+    for variant, overrides in search.variants.items():
+        for path in overrides:
+            if not known_key(path) or path.startswith("scaling."):
+                raise ConfigError(f"search.variants.{variant}.{path}", "is not a config key a trial may set")
 
-    if search.search_alg == "optuna":
-        import importlib.util
 
-        if importlib.util.find_spec("optuna") is None:
-            raise ConfigError("search.search_alg", "optuna is not installed (pip install optuna), or use random")
-    r = search.resources
-    base = set_dotted(data, "scaling.num_workers", r.num_workers)
-    base = set_dotted(base, "scaling.cpus_per_worker", r.cpus_per_worker)
-    if not 0 <= r.gpus_per_worker <= 1:
-        raise ConfigError(
-            "search.resources.gpus_per_worker",
-            f"must lie in [0, 1]: one DeepSpeed rank uses one GPU (add workers for more), got {r.gpus_per_worker}",
-        )
-    base = set_dotted(base, "scaling.use_gpu", r.gpus_per_worker > 0)
-    if r.gpus_per_worker > 0:
-        base = set_dotted(base, "scaling.gpus_per_worker", r.gpus_per_worker)
-    base = set_dotted(base, "scaling.resources_per_worker", dict(r.resources_per_worker))
-    base_config = config_from_dict(base)
-    if search.scheduler.type == "asha" and search.scheduler.grace_period >= base_config.train.total_steps:
-        total = base_config.train.total_steps
+def _check_search_against(search: SearchSpec, base: TrialConfig) -> None:
+    """What the search block must respect of the trial it sweeps."""
+    sched, total = search.scheduler, base.train.total_steps
+    if sched.type == "asha" and sched.grace_period >= total:
         raise ConfigError("search.scheduler.grace_period", f"must be < train.total_steps = {total}")
-
-    r = base_config.relora
-    if search.scheduler.type == "asha" and r.low_rank and 0 < r.warm_start_steps >= search.scheduler.grace_period:
+    r = base.relora
+    if sched.type == "asha" and r.low_rank and 0 < r.warm_start_steps >= sched.grace_period:
         raise ConfigError(
             "search.scheduler.grace_period",
             f"must exceed relora.warm_start_steps = {r.warm_start_steps}: trials share the warm start, "
             "so ASHA cannot tell them apart before it ends",
         )
-    edges = {}
-    for path, dist in search.params.items():
-        if not isinstance(path, str) or not _key_exists(path):
-            raise ConfigError(f"search.params.{path}", "is not a config key (use a dotted path such as relora.rank)")
-        if path.startswith("scaling."):
-            raise ConfigError(f"search.params.{path}", "set workers and GPUs in search.resources, not per trial")
-        edges[path] = _check_distribution(path, dist)
-    if not isinstance(search.variants, dict):
-        raise ConfigError("search.variants", "must map variant names to {dotted.key: value} overrides")
-    for variant, overrides in search.variants.items():
-        if not isinstance(overrides, dict):
-            raise ConfigError(f"search.variants.{variant}", "must be a mapping of {dotted.key: value}")
-        for path in overrides:
-            if not _key_exists(path) or path.startswith("scaling."):
-                raise ConfigError(f"search.variants.{variant}.{path}", "is not a config key a trial may set")
+    if search.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search.search_alg", "optuna is not installed (pip install optuna), or use random")
+
+
+def _edge_samples(search: SearchSpec) -> Iterator[dict]:
+    """Every combination of the swept values at their edges (at most MAX_CHECKED_COMBINATIONS)."""
+    edges = {path: _check_distribution(path, dist) for path, dist in search.params.items()}
     if search.variants:
         edges[VARIANT] = list(search.variants)
-    combinations = list(itertools.islice(itertools.product(*edges.values()), MAX_CHECKED_COMBINATIONS))
-    for values in combinations:
-        params = dict(zip(edges, values, strict=True))
+    for values in itertools.islice(itertools.product(*edges.values()), MAX_CHECKED_COMBINATIONS):
+        yield dict(zip(edges, values, strict=True))
+
+
+def _check_samples(search: SearchSpec, base: dict) -> None:
+    """Every edge sample validated as a trial config of its own, so no trial fails at start."""
+    for params in _edge_samples(search):
+        config = base
+        for path, value in _overrides(params, search.variants).items():
+            config = set_dotted(config, path, value)
         try:
-            config_from_dict(trial_config_dict(base, params, search.variants))
+            config_from_dict(config)
         except ConfigError as error:
             swept = ", ".join(f"{k}={v!r}" for k, v in params.items())
-            raise ConfigError(
-                f"search.params.{error.path}" if error.path in params else error.path,
-                f"{str(error).split(': ', 1)[1]} (with {swept})",
-            ) from None
-    return SweepSpec(base=base, base_config=base_config, search=search)
+            where = f"search.params.{error.path}" if error.path in params else error.path
+            raise ConfigError(where, f"{error.message} (with {swept})") from None
+
+
+def with_resources(trial: dict, resources: ResourcesSpec) -> dict:
+    """The trial config with `search.resources` in its `scaling` section."""
+    scaling = {
+        "num_workers": resources.num_workers,
+        "cpus_per_worker": resources.cpus_per_worker,
+        "use_gpu": resources.gpus_per_worker > 0,
+        "resources_per_worker": dict(resources.resources_per_worker),
+    }
+    if resources.gpus_per_worker > 0:
+        scaling["gpus_per_worker"] = resources.gpus_per_worker
+    for key, value in scaling.items():
+        trial = set_dotted(trial, f"scaling.{key}", value)
+    return trial
+
+
+def load_sweep(data: Any) -> SweepSpec:
+    """Check a sweep file's content whole (the trial, the search block, every edge sample and the
+    files it reads) and resolve it once. Raises `ConfigError` naming the dotted path."""
+    if not isinstance(data, dict) or "search" not in data:
+        raise ConfigError("search", "a sweep file needs a `search` block (use orchestrator.train for one trial)")
+    trial = {key: value for key, value in data.items() if key != "search"}
+    search = validate(SearchSpec, data["search"] or {}, "search")
+    base = config_from_dict(with_resources(trial, search.resources))
+    _check_search_against(search, base)
+    _check_swept_keys(search)
+    _check_samples(search, config_to_dict(base))
+    check_environment(base)
+    return SweepSpec(base_config=base, search=search)
 
 
 def tune_param_space(spec: SweepSpec) -> dict:

@@ -14,35 +14,37 @@ keeps its MLflow run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 
-from orchestrator.config import ConfigError, load_yaml, with_overrides, with_storage
+from orchestrator.config import ConfigError, TrialConfig, config_to_dict, load_yaml, with_overrides, with_storage
 from orchestrator.data import PreparedData, prepare_data, share_data
-from orchestrator.search import SweepSpec, load_sweep, trial_config_dict, tune_param_space
+from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
 
 log = logging.getLogger("orchestrator.sweep")
 
 
-def tune_trial(params: dict, *, base: dict, variants: dict, data: dict, storage: str, warm_starts: dict) -> None:
-    """One Tune trial: fit a TorchTrainer whose reports reach Tune (and from there MLflow)."""
+def tune_trial(
+    params: dict, *, base: TrialConfig, variants: dict, data: PreparedData, storage: str, warm_starts: dict
+) -> None:
+    """One Tune trial: fit a TorchTrainer whose reports reach Tune (and from there MLflow).
+
+    ``base`` is the sweep's trial config as the driver resolved it; the sample's values are
+    applied to it, and the result goes to the workers unchanged."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from orchestrator.config import config_from_dict
     from orchestrator.train import make_trainer
     from orchestrator.warmstart import warm_start_key
 
     context = ray.tune.get_context()
-    cfg = config_from_dict(trial_config_dict(base, params, variants))
+    cfg = resolve_trial(base, params, variants)
     # A stable run name per trial: a resumed sweep finds the trial's Ray Train run and its checkpoints.
     name = f"{context.get_experiment_name()}-trials/{context.get_trial_id()}"
-    prepared = PreparedData(**data)
-    warm_start = warm_starts.get(warm_start_key(cfg, prepared))
+    warm_start = warm_starts.get(warm_start_key(cfg, data))
     trainer = make_trainer(
-        cfg, prepared, name=name, storage_path=storage, callbacks=[TuneReportCallback()], warm_start=warm_start
+        cfg, data, name=name, storage_path=storage, callbacks=[TuneReportCallback()], warm_start=warm_start
     )
     trainer.fit()
 
@@ -114,76 +116,94 @@ def trial_actor_resources(cluster_resources: dict[str, float]) -> dict[str, floa
     return {"cpu": 1, **pin}
 
 
-def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_starts: dict):
+def make_trainable(spec: SweepSpec, data: PreparedData, warm_starts: dict):
+    """`tune_trial` with the sweep's fixed arguments, asking for a trial driver's resources."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
-    from orchestrator.config import config_from_dict
+    trainable = tune.with_parameters(
+        tune_trial,
+        base=spec.base_config,
+        variants=spec.search.variants,
+        data=data,
+        storage=storage_root(spec),
+        warm_starts=warm_starts,
+    )
+    return tune.with_resources(trainable, trial_actor_resources(ray.cluster_resources()))
+
+
+def make_callback(spec: SweepSpec, data: PreparedData, tracker, warm_starts: dict):
+    """The MLflow callback: one child run per trial, with the trial's resolved config as params."""
     from orchestrator.tracking import MlflowTuneCallback
     from orchestrator.warmstart import warm_start_key
 
-    s = spec.search
-    storage = storage_root(spec)
-    name = spec.base_config.run.name
-    # Only eval steps carry val_ppl; Tune would otherwise reject every train-loss report.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            tune_trial,
-            base=spec.base,
-            variants=spec.search.variants,
-            data=dataclasses.asdict(data),
-            storage=storage,
-            warm_starts=warm_starts,
-        ),
-        trial_actor_resources(ray.cluster_resources()),
-    )
-
     def resolved_config(trial) -> dict:
-        return trial_config_dict(spec.base, trial.config, spec.search.variants)
+        return config_to_dict(spec.trial(trial.config))
 
     def shared_warm_start(trial) -> str | None:
-        key = warm_start_key(config_from_dict(resolved_config(trial)), data)
+        key = warm_start_key(spec.trial(trial.config), data)
         return key if key in warm_starts else None
 
-    callback = MlflowTuneCallback(
-        tracker, resolved_config, metric=s.metric, mode=s.mode, warm_start_of=shared_warm_start, storage=storage
+    s = spec.search
+    return MlflowTuneCallback(
+        tracker,
+        resolved_config,
+        metric=s.metric,
+        mode=s.mode,
+        warm_start_of=shared_warm_start,
+        storage=storage_root(spec),
     )
-    path = f"{storage}/{name}"
+
+
+def make_scheduler(spec: SweepSpec):
+    """ASHA on the sweep's metric at eval steps, or None."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = spec.search
+    if s.scheduler.type != "asha":
+        return None
+    return ASHAScheduler(
+        metric=s.metric,
+        mode=s.mode,
+        time_attr="step",
+        grace_period=s.scheduler.grace_period,
+        reduction_factor=s.scheduler.reduction_factor,
+        # Rungs lie strictly before the last step, and reaching max_t stops nothing: a
+        # trial that got to the end always writes its merged checkpoint.
+        max_t=spec.base_config.train.total_steps - 1,
+        stop_last_trials=False,
+    )
+
+
+def make_search_alg(spec: SweepSpec):
+    if spec.search.search_alg != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(metric=spec.search.metric, mode=spec.search.mode)
+
+
+def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
+    """A new Tuner for the sweep, or the stored one when the sweep ran before (and ``resume``)."""
+    from ray import tune
+
+    s = spec.search
+    path = f"{storage_root(spec)}/{spec.base_config.run.name}"
     if resume and tune.Tuner.can_restore(path):
         print(f"resuming the sweep at {path}")
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), callback
-    scheduler = None
-    if s.scheduler.type == "asha":
-        scheduler = ASHAScheduler(
-            metric=s.metric,
-            mode=s.mode,
-            time_attr="step",
-            grace_period=s.scheduler.grace_period,
-            reduction_factor=s.scheduler.reduction_factor,
-            # Rungs lie strictly before the last step, and reaching max_t stops nothing: a
-            # trial that got to the end always writes its merged checkpoint.
-            max_t=spec.base_config.train.total_steps - 1,
-            stop_last_trials=False,
-        )
-    search_alg = None
-    if s.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(metric=s.metric, mode=s.mode)
-    tuner = tune.Tuner(
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
         trainable,
         param_space=tune_param_space(spec),
         tune_config=tune.TuneConfig(
-            scheduler=scheduler,
-            search_alg=search_alg,
+            scheduler=make_scheduler(spec),
+            search_alg=make_search_alg(spec),
             num_samples=s.num_samples,
             max_concurrent_trials=s.max_concurrent_trials,
         ),
         run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage,
+            name=spec.base_config.run.name,
+            storage_path=storage_root(spec),
             callbacks=[callback],
             verbose=1,
             # A trial whose Tune actor is lost with its node is run again; it resumes from
@@ -191,10 +211,9 @@ def make_tuner(spec: SweepSpec, data: PreparedData, tracker, resume: bool, warm_
             failure_config=tune.FailureConfig(max_failures=spec.base_config.run.max_failures),
         ),
     )
-    return tuner, callback
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", help="sweep YAML: a trial config plus a `search` block")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -206,7 +225,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. search.num_samples=4"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run_sweep(spec: SweepSpec, spec_file: str, args: argparse.Namespace, tracker) -> None:
+    """Data, Ray, warm starts, then the trials; the MLflow callback has every result when it returns."""
+    from orchestrator.warmstart import ensure_warm_starts
+
+    # Before Ray starts (see data.py), and copied to the sweep's storage, where every node reads it.
+    data = share_data(prepare_data(spec.base_config.data), storage_root(spec))
+    print(
+        f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
+        f"({'cache hit' if data.cache_hit else 'prepared'})"
+    )
+    tracker.client.log_artifact(tracker.parent_id, spec_file)
+    init_ray(args.address, spec)
+    warm_starts = ensure_warm_starts(spec, data, storage_root(spec), tracker)
+    # Only eval steps carry val_ppl; Tune would otherwise reject every train-loss report.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    callback = make_callback(spec, data, tracker, warm_starts)
+    make_tuner(spec, make_trainable(spec, data, warm_starts), callback, resume=not args.fresh).fit()
+    callback.flush()
+
+
+def summarize(spec: SweepSpec, tracker) -> None:
+    """The summary table, the plots on the parent run, and the best model in the registry."""
+    from orchestrator.report import log_plots, register_best, summary_table, trial_rows
+
+    s, name = spec.search, spec.base_config.run.name
+    swept = list(s.params) + (["variant"] if s.variants else [])
+    rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, s.metric, s.mode)
+    print()
+    print(summary_table(rows, swept, s.metric))
+    log_plots(tracker.client, tracker.parent_id, rows, swept, s.metric)
+    registry_name = s.register_model or f"{name}-best"
+    registered = register_best(tracker.client, rows, registry_name, s.mode)
+    if registered:
+        best, version = registered
+        best_value = f"{s.metric} {best['best']:.3f}"
+        print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry_name} version {version}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         spec = load_sweep(with_storage(with_overrides(load_yaml(args.spec), args.set), args.storage))
     except ConfigError as error:
@@ -217,40 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from orchestrator.report import log_plots, register_best, summary_table, trial_rows
     from orchestrator.tracking import SweepTracker, default_tracking_uri
 
     tracking_uri = args.tracking_uri or default_tracking_uri()
     name = spec.base_config.run.name
-    # Before Ray starts (see data.py), and copied to the sweep's storage, where every node reads it.
-    data = share_data(prepare_data(spec.base_config.data), storage_root(spec))
-    print(
-        f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
-        f"({'cache hit' if data.cache_hit else 'prepared'})"
-    )
     tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
-    tracker.client.log_artifact(tracker.parent_id, args.spec)
-    init_ray(args.address, spec)
-    from orchestrator.warmstart import ensure_warm_starts
-
-    warm_starts = ensure_warm_starts(spec, data, storage_root(spec), tracker)
-    resume = not args.fresh
-    tuner, callback = make_tuner(spec, data, tracker, resume, warm_starts)
-    tuner.fit()
-    callback.flush()
-
-    swept = list(spec.search.params) + (["variant"] if spec.search.variants else [])
-    rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, spec.search.metric, spec.search.mode)
-    print()
-    print(summary_table(rows, swept, spec.search.metric))
-    log_plots(tracker.client, tracker.parent_id, rows, swept, spec.search.metric)
-    registered = register_best(tracker.client, rows, spec.search.register_model or f"{name}-best", spec.search.mode)
-    if registered:
-        best, version = registered
-        print(
-            f"\nbest trial {best['trial']} ({spec.search.metric} {best['best']:.3f}) registered as "
-            f"{spec.search.register_model or name + '-best'} version {version}"
-        )
+    run_sweep(spec, args.spec, args, tracker)
+    summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
     ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None
     print("\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {tracking_uri}")

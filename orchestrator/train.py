@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, TrialConfig, config_to_dict, load_config
+from orchestrator.config import ConfigError, TrialConfig, load_config
 from orchestrator.data import PreparedData, prepare_data, share_data
 
 log = logging.getLogger("orchestrator.train")
@@ -48,6 +48,15 @@ def storage_uri(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
+def scaling_config(cfg: TrialConfig, use_gpu: bool):
+    """Ray Train's workers for a trial: one DeepSpeed rank each, with its CPUs, GPU share and extras."""
+    from ray.train import ScalingConfig
+
+    gpus = {"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **gpus, **cfg.scaling.resources_per_worker}
+    return ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources)
+
+
 def make_trainer(
     cfg: TrialConfig,
     data: PreparedData,
@@ -63,7 +72,7 @@ def make_trainer(
     ``warm_start`` (a checkpoint holding `warm_start/`) starts the run at the switch to
     low rank; ``stop_at`` ends it early, to make such a warm start."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.worker import train_loop_per_worker
@@ -76,20 +85,12 @@ def make_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "trial": config_to_dict(cfg),
+            "trial": cfg,  # resolved and checked on the driver; workers take it as it is
             "data": dataclasses.asdict(data),
             "warm_start": warm_start,
             "stop_at": stop_at,
         },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={
-                "CPU": cfg.scaling.cpus_per_worker,
-                **({"GPU": cfg.scaling.gpus_per_worker} if use_gpu else {}),
-                **cfg.scaling.resources_per_worker,
-            },
-        ),
+        scaling_config=scaling_config(cfg, use_gpu),
         run_config=RunConfig(
             name=name or cfg.run.name,
             storage_path=storage,

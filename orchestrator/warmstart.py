@@ -16,9 +16,9 @@ import itertools
 import json
 import logging
 
-from orchestrator.config import TrialConfig, config_from_dict, config_to_dict
+from orchestrator.config import TrialConfig, config_to_dict
 from orchestrator.data import PreparedData, storage_filesystem
-from orchestrator.search import VARIANT, SweepSpec, trial_config_dict
+from orchestrator.search import VARIANT, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def shareable_configs(spec: SweepSpec) -> list[TrialConfig]:
     configs = []
     for values in itertools.product(*grid.values()):
         params = dict(zip(grid, values, strict=True))
-        configs.append(config_from_dict(trial_config_dict(spec.base, params, spec.search.variants)))
+        configs.append(spec.trial(params))
     return configs
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 import relora
-from orchestrator.config import TrialConfig, config_from_dict
+from orchestrator.config import TrialConfig
 from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
@@ -271,16 +271,27 @@ class Worker:
         warm_start: str | None = None,
         stop_at: int | None = None,
     ) -> None:
-        """Train to the end, or only to ``stop_at`` (a shared warm start, saved for the trials).
+        """Train to the end, or only to ``stop_at`` (a shared warm start, saved for the trials)."""
+        if checkpoint_dir and (Path(checkpoint_dir) / "merged").is_dir():
+            self.report_finished(checkpoint_dir)
+            return
+        self.begin(checkpoint_dir, warm_start)
+        end = stop_at or self.cfg.train.total_steps
+        while self.step < end:
+            if not self.advance(end):
+                return
+        if stop_at:
+            self.finish_warm_start()
+        else:
+            self.finish()
+
+    def begin(self, checkpoint_dir: str | None, warm_start: str | None) -> None:
+        """Resume from a checkpoint, start from a shared warm start, or start afresh.
 
         ``warm_start`` is a folder of full-rank weights after ``relora.warm_start_steps``: the
         run starts there, at the switch, exactly where its own warm start would have ended
         (the switch re-creates the optimizer either way).
         """
-        c = self.cfg
-        if checkpoint_dir and (Path(checkpoint_dir) / "merged").is_dir():
-            self.report_finished(checkpoint_dir)
-            return
         if checkpoint_dir:
             self.restore(checkpoint_dir)
             self.report({"event": "resume", "from_step": self.step, "nodes": self.nodes()})
@@ -288,48 +299,47 @@ class Worker:
             from safetensors.torch import load_file
 
             self.model.load_state_dict(load_file(Path(warm_start) / "model.safetensors"))
-            self.step = c.relora.warm_start_steps
+            self.step = self.cfg.relora.warm_start_steps
             self.report({"event": "start", "from_warm_start": True, "nodes": self.nodes(), **self.evaluate()})
         else:
             self.build_engine()
             self.report({"event": "start", "lr": self.lr, "nodes": self.nodes(), **self.evaluate()})
+
+    def scheduled_event(self) -> dict:
+        """The switch to low rank or a restart, if one falls before this step."""
+        relora_cfg = self.cfg.relora
+        if relora_cfg.wraps_at(self.step):
+            self.switch_to_low_rank()
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            return {"event": "switch", "at_step": self.step, "trainable_params": trainable}
+        if relora_cfg.restarts_at(self.step):
+            return self.restart()
+        return {}
+
+    def advance(self, end: int) -> bool:
+        """One optimizer step, with its event, report and checkpoint; False if the loss is not finite."""
+        c = self.cfg
+        event = self.scheduled_event()
+        lr = self.lr
+        started = time.perf_counter()
+        loss = self.train_step()
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+        self.first_step_at = self.first_step_at or time.time() - elapsed
+        self.step += 1
+        if not math.isfinite(loss):
+            # Stop, but do not raise: a retry from the last checkpoint would diverge the same way.
+            self.report({"train_loss": loss, "stop_reason": f"non-finite training loss ({loss}) at step {self.step}"})
+            return False
         tokens_per_step = c.train.global_batch_size * self.data.seq_len
-        end = stop_at or c.train.total_steps
-        while self.step < end:
-            event: dict = {}
-            if c.relora.wraps_at(self.step):
-                self.switch_to_low_rank()
-                event = {
-                    "event": "switch",
-                    "at_step": self.step,
-                    "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                }
-            elif c.relora.restarts_at(self.step):
-                event = self.restart()
-            lr = self.lr
-            started = time.perf_counter()
-            loss = self.train_step()
-            elapsed = time.perf_counter() - started
-            self.train_seconds += elapsed
-            self.first_step_at = self.first_step_at or time.time() - elapsed
-            self.step += 1
-            if not math.isfinite(loss):
-                # Stop, but do not raise: a retry from the last checkpoint would diverge the same way.
-                self.report(
-                    {"train_loss": loss, "stop_reason": f"non-finite training loss ({loss}) at step {self.step}"}
-                )
-                return
-            metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
-            if self.step % c.train.eval_every == 0 or self.step == end:
-                metrics.update(self.evaluate())
-            # A checkpoint rides on a report: a checkpoint step reports even between log steps.
-            save = self.step % c.train.checkpoint_every == 0 and self.step < end
-            if save or event or metrics.keys() & {"val_loss"} or self.step % c.train.log_every == 0:
-                self.report(metrics, checkpoint=save)
-        if stop_at:
-            self.finish_warm_start()
-        else:
-            self.finish()
+        metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
+        if self.step % c.train.eval_every == 0 or self.step == end:
+            metrics.update(self.evaluate())
+        # A checkpoint rides on a report: a checkpoint step reports even between log steps.
+        save = self.step % c.train.checkpoint_every == 0 and self.step < end
+        if save or event or "val_loss" in metrics or self.step % c.train.log_every == 0:
+            self.report(metrics, checkpoint=save)
+        return True
 
     def report_finished(self, checkpoint_dir: str) -> None:
         """The run had ended (its final checkpoint holds `merged/`) when it was interrupted:
@@ -379,7 +389,7 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    cfg = config_from_dict(config["trial"])
+    cfg: TrialConfig = config["trial"]
     data = local_data(PreparedData(**config["data"]), cfg.data.cache_dir)
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:

@@ -5,6 +5,7 @@ Pure PyTorch, usable from any training loop; see README.md for a worked loop.
 
 from relora.layers import (
     LLAMA_TARGET_MODULES,
+    HyperparameterError,
     ReLoRALinear,
     adapter_parameters,
     merge_and_reinit,
@@ -22,6 +23,7 @@ from relora.schedule import cosine_envelope, jagged_cosine, jagged_cosine_schedu
 __version__ = "0.1.0"
 
 __all__ = [
+    "HyperparameterError",
     "LLAMA_TARGET_MODULES",
     "METHODS",
     "MODEL_SHAPES",

@@ -188,13 +188,22 @@ class _LowRankUpdate(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None
 
 
+class HyperparameterError(ValueError):
+    """A bad hyperparameter; ``field`` names it, so a config loader can report its own path."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
+
+
 def _check_adapter_args(*, rank: int, alpha: float, dropout: float) -> None:
     if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        raise HyperparameterError("rank", f"must be a positive integer, got {rank!r}")
     if alpha <= 0:
-        raise ValueError(f"alpha must be positive, got {alpha!r}")
+        raise HyperparameterError("alpha", f"must be positive, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        raise HyperparameterError("dropout", f"must lie in [0, 1), got {dropout!r}")
 
 
 def _matches(name: str, targets: Sequence[str]) -> bool:

@@ -11,18 +11,20 @@ Baselines are the same loop with fewer events, so comparisons are fair by constr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from relora.layers import LLAMA_TARGET_MODULES, _check_adapter_args
+from relora.layers import LLAMA_TARGET_MODULES, HyperparameterError, _check_adapter_args
 from relora.optim import RESET_METHODS
 
-METHODS = ("full", "lora", "relora")
+Method = Literal["full", "lora", "relora"]
+METHODS = get_args(Method)
 
 
 @dataclass(frozen=True)
 class ReLoRAConfig:
     """The method's hyperparameters. Validated on construction; errors name the field."""
 
-    method: str = "relora"
+    method: Method = "relora"
     rank: int = 128
     alpha: float = 32.0
     dropout: float = 0.0
@@ -32,28 +34,28 @@ class ReLoRAConfig:
     restart_every: int = 1000
     restart_warmup_steps: int = 50
     reset_ratio: float = 0.99
-    reset_method: str = "magnitude"
+    reset_method: Literal["magnitude", "random"] = "magnitude"
     jagged: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise HyperparameterError("method", f"must be one of {METHODS}, got {self.method!r}")
         _check_adapter_args(rank=self.rank, alpha=self.alpha, dropout=self.dropout)
         if not self.target_modules:
-            raise ValueError("target_modules must name at least one module")
+            raise HyperparameterError("target_modules", "must name at least one module")
         if self.warm_start_steps < 0:
-            raise ValueError(f"warm_start_steps must be non-negative, got {self.warm_start_steps!r}")
+            raise HyperparameterError("warm_start_steps", f"must be non-negative, got {self.warm_start_steps!r}")
         if self.restart_every <= 0:
-            raise ValueError(f"restart_every must be positive, got {self.restart_every!r}")
+            raise HyperparameterError("restart_every", f"must be positive, got {self.restart_every!r}")
         if not 0 < self.restart_warmup_steps < self.restart_every:
-            raise ValueError(
-                f"restart_warmup_steps must lie in (0, restart_every={self.restart_every}), "
-                f"got {self.restart_warmup_steps!r}"
+            raise HyperparameterError(
+                "restart_warmup_steps",
+                f"must lie in (0, restart_every={self.restart_every}), got {self.restart_warmup_steps!r}",
             )
         if not 0.0 <= self.reset_ratio <= 1.0:
-            raise ValueError(f"reset_ratio must lie in [0, 1], got {self.reset_ratio!r}")
+            raise HyperparameterError("reset_ratio", f"must lie in [0, 1], got {self.reset_ratio!r}")
         if self.reset_method not in RESET_METHODS:
-            raise ValueError(f"reset_method must be one of {RESET_METHODS}, got {self.reset_method!r}")
+            raise HyperparameterError("reset_method", f"must be one of {RESET_METHODS}, got {self.reset_method!r}")
 
     @property
     def low_rank(self) -> bool:

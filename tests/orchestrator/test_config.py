@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from orchestrator.config import ConfigError, config_from_dict, load_config
+from orchestrator.config import ConfigError, check_environment, config_from_dict, load_config
 
 
 def test_the_test_trial_is_valid(make_trial, tmp_path):
@@ -43,7 +43,7 @@ def _with(make_trial, section, key, value):
 )
 def test_bad_values_name_their_dotted_path(make_trial, tmp_path, section, key, value, path):
     with pytest.raises(ConfigError) as error:
-        config_from_dict(_with(make_trial, section, key, value))
+        check_environment(config_from_dict(_with(make_trial, section, key, value)))
     assert error.value.path == path
     assert str(error.value).startswith(path + ":")
 
@@ -116,3 +116,46 @@ def assert_refused_before_ray(config, extra_args: list[str], path: str) -> None:
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"config error: {path}:"), out.stderr
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "says"),
+    [
+        ("relora", "rank", "8", "must be a valid integer, got '8'"),  # strict: YAML's "8" is a string
+        ("optim", "lr", True, "must be a valid number, got True"),
+        ("train", "totl_steps", 5, "known keys: ['checkpoint_every', 'eval_blocks', 'eval_every'"),
+        ("optim", "betas", [0.9, 0.9, 0.9], "must have 2 items, got [0.9, 0.9, 0.9]"),
+        ("scaling", "use_gpu", "yes", "must be a valid boolean or 'auto', got 'yes'"),
+        ("relora", "reset_ratio", 1.5, "must lie in [0, 1], got 1.5"),
+        ("scaling", "gpus_per_worker", 2, "add workers for more"),
+    ],
+)
+def test_messages_give_the_value_and_what_it_must_be(make_trial, section, key, value, says):
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(_with(make_trial, section, key, value))
+    assert says in error.value.message and str(error.value) == f"{error.value.path}: {error.value.message}"
+
+
+def test_files_are_checked_on_the_driver_only(make_trial, tmp_path):
+    """The spec alone never looks at the disk; `load_config` (the driver) does, once."""
+    data = _with(make_trial, "data", "paths", [str(tmp_path / "elsewhere.txt")])
+    cfg = config_from_dict(data)  # as a Tune actor or a worker on another node would hold it
+    assert cfg.data.paths == [str(tmp_path / "elsewhere.txt")]
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"^data.paths\[0\]: no such file"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^data.paths\[0\]: unsupported file type '.csv'"):
+        config_from_dict(_with(make_trial, "data", "paths", ["corpus.csv"]))
+
+
+def test_replace_dotted_types_the_value_and_checks_the_relations(make_trial):
+    from orchestrator.config import replace_dotted
+
+    cfg = config_from_dict(make_trial())
+    assert replace_dotted(cfg, "optim.betas", [0.9, 0.99]).optim.betas == (0.9, 0.99)
+    assert replace_dotted(cfg, "optim.lr", 1).optim.lr == 1.0 and isinstance(
+        replace_dotted(cfg, "optim.lr", 1).optim.lr, float
+    )
+    with pytest.raises(ConfigError, match="^relora.warm_start_steps: must be < train.total_steps"):
+        replace_dotted(cfg, "train.total_steps", cfg.relora.warm_start_steps)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError
-from orchestrator.search import load_sweep, trial_config_dict, tune_param_space
+from orchestrator.search import load_sweep, tune_param_space
 
 ASHA = {"type": "asha", "grace_period": 30}  # past the 20-step shared warm start
 
@@ -20,8 +20,9 @@ def test_a_valid_sweep_resolves_its_trials(make_trial):
     assert spec.base_config.scaling.num_workers == 2
     space = tune_param_space(spec)
     assert set(space) == {"relora.rank", "variant"}
-    resolved = trial_config_dict(spec.base, {"relora.rank": 2, "variant": "no-reset"}, spec.search.variants)
-    assert resolved["relora"]["rank"] == 2 and resolved["relora"]["reset_ratio"] == 0.0
+    resolved = spec.trial({"relora.rank": 2, "variant": "no-reset"})
+    assert resolved.relora.rank == 2 and resolved.relora.reset_ratio == 0.0
+    assert resolved.train == spec.base_config.train  # the rest as the driver resolved it
 
 
 @pytest.mark.parametrize(
@@ -107,3 +108,17 @@ def test_gpus_per_worker_is_passed_as_given_and_bounded(make_trial):
     assert cpu_only.base_config.scaling.use_gpu is False and "(1 CPU, 0 GPU)" in describe(cpu_only)
     with pytest.raises(ConfigError, match=r"^search.resources.gpus_per_worker: must lie in \[0, 1\]"):
         load_sweep(_sweep(make_trial, resources={"gpus_per_worker": 2}))
+
+
+def test_the_resolved_trial_reaches_the_workers_unchanged(make_trial):
+    """The driver resolves each trial once; the TorchTrainer hands that object to its workers."""
+    from orchestrator.data import PreparedData
+    from orchestrator.train import make_trainer
+
+    spec = load_sweep(_sweep(make_trial))
+    cfg = spec.trial({"relora.rank": 4})
+    data = PreparedData(
+        "/nowhere", "/nowhere", "f", vocab_size=300, seq_len=64, train_blocks=1, validation_blocks=1, cache_hit=True
+    )
+    trainer = make_trainer(cfg, data, name="unused", storage_path="/tmp/unused", warm_start=None)
+    assert trainer.train_loop_config["trial"] is cfg
