@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,19 +30,53 @@ class ConfigError(ValueError):
     """A bad config value; ``str(error)`` is one line that starts with the dotted path."""
 
     def __init__(self, path: str, message: str) -> None:
+        path, message = _cut(path, 200), _cut(message, 600)  # a hostile value never floods the terminal
         super().__init__(f"{path}: {message}")
         self.path = path
         self.message = message
 
 
+def _cut(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} chars)"
+
+
+_URI_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"(?i)((?:key|token|secret|password|signature)[\w-]*=)[^&\s]+")
+
+
+def redact(text: Any) -> str:
+    """``text`` with credentials in URIs (`s3://KEY:SECRET@bucket`, `?secret_key=...`) blanked:
+    what we print or log to MLflow never carries them."""
+    return _SECRET_QUERY.sub(r"\1***", _URI_CREDENTIALS.sub("***@", str(text)))
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short."""
+    return _cut(repr(value), 80)
+
+
+# Strict types, unknown keys refused, no NaN or inf anywhere, and regexes with look-ahead.
+SPEC_RULES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, regex_engine="python-re")
+
+# Bounds that no real run comes near, so that a typo fails here and not in Ray or Rust.
+STEPS = 10**9
 Positive = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[int, Field(ge=0)]
+Steps = Annotated[int, Field(gt=0, le=STEPS)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+Workers = Annotated[int, Field(gt=0, le=4096)]
+ResourceAmounts = dict[str, Annotated[float, Field(ge=0, le=1e6)]]
+Text = Annotated[str, Field(min_length=1, max_length=1000)]
+# A run or model name: a folder under the storage path and a value in MLflow filter strings,
+# so no `..`, no leading `/`, no quotes or backslashes. Letters of any script are fine.
+NAME_PATTERN = r"^(?!/)(?!.*(^|/)\.\.(/|$))[^'\"\\\x00-\x1f`]{1,200}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "llama-tiny"  # one of relora.MODEL_SHAPES
+    name: Text = "llama-tiny"  # one of relora.MODEL_SHAPES
 
 
 @dataclass(frozen=True)
@@ -51,43 +86,43 @@ class DataConfig:
     #   "file"               local files: `paths` (.txt, .jsonl/.json, .parquet)
     #   "hub"                a Hugging Face hub dataset: `hub_path` (+ `hub_name`, `hub_split`)
     source: Literal["builtin", "file", "hub"] = "builtin"
-    paths: list[str] = field(default_factory=list)
+    paths: Annotated[list[Text], Field(max_length=10_000)] = field(default_factory=list)
     hub_path: str = ""
     hub_name: str = ""
     hub_split: str = "train"
     streaming: bool = False  # stream a large hub dataset instead of downloading it whole
-    max_documents: NonNegative = 0  # 0: all; with streaming, how many documents to take
-    text_column: str = "text"
+    max_documents: Annotated[int, Field(ge=0, le=10**12)] = 0  # 0: all; with streaming, how many documents to take
+    text_column: Text = "text"
     # "bpe": a byte-level BPE trained on the corpus with `tokenizers` (cached); anything
     # else is a hub tokenizer name or a local tokenizer directory.
-    tokenizer: str = "bpe"
-    vocab_size: Positive = 4096  # for tokenizer: bpe
-    seq_len: Positive = 128  # tokens per packed block
+    tokenizer: Text = "bpe"
+    vocab_size: Annotated[int, Field(gt=0, le=1_000_000)] = 4096  # for tokenizer: bpe
+    seq_len: Annotated[int, Field(gt=0, le=131_072)] = 128  # tokens per packed block
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05  # of the documents, held out before packing
-    cache_dir: str = "~/.cache/relora-sweeps/data"  # on a cluster: a shared path
+    cache_dir: Text = "~/.cache/relora-sweeps/data"  # on a cluster: a shared path
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     lr: Annotated[float, Field(gt=0)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: NonNegative = 10  # linear warmup at the start of training
+    weight_decay: Annotated[float, Field(ge=0, le=10)] = 0.0
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    warmup_steps: Annotated[int, Field(ge=0, le=STEPS)] = 10  # linear warmup at the start of training
     min_lr_ratio: Fraction = 0.1  # the cosine ends at lr * min_lr_ratio
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # 0: off
+    grad_clip: Annotated[float, Field(ge=0, le=1e6)] = 1.0  # 0: off
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    total_steps: Positive = 100  # optimizer steps
-    global_batch_size: Positive = 16  # sequences per optimizer step, over all workers
-    micro_batch_size: Positive = 8  # sequences per worker per forward pass
-    eval_every: Positive = 20  # steps between validation passes (and the last step)
-    eval_blocks: NonNegative = 64  # validation blocks per pass (0: the whole split)
-    checkpoint_every: Positive = 20  # steps between DeepSpeed checkpoints
-    log_every: Positive = 5  # steps between train-loss reports
+    total_steps: Steps = 100  # optimizer steps
+    global_batch_size: Annotated[int, Field(gt=0, le=2**20)] = 16  # sequences per optimizer step, over all workers
+    micro_batch_size: Annotated[int, Field(gt=0, le=2**16)] = 8  # sequences per worker per forward pass
+    eval_every: Steps = 20  # steps between validation passes (and the last step)
+    eval_blocks: Annotated[int, Field(ge=0, le=STEPS)] = 64  # validation blocks per pass (0: the whole split)
+    checkpoint_every: Steps = 20  # steps between DeepSpeed checkpoints
+    log_every: Steps = 5  # steps between train-loss reports
     # Singular values of a merged update above this count towards its rank.
-    update_rank_threshold: Annotated[float, Field(ge=0)] = 0.1
+    update_rank_threshold: Annotated[float, Field(ge=0, le=1e6)] = 0.1
 
 
 @dataclass(frozen=True)
@@ -99,31 +134,33 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: Positive = 2
+    num_workers: Workers = 2
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs if the Ray cluster has them
     # GPUs per worker when it uses them: 1 (one DeepSpeed rank per GPU), or a fraction to
     # pack the workers of small models onto one GPU. Never more: add workers instead.
     gpus_per_worker: float = 1.0
-    cpus_per_worker: Positive = 1
+    cpus_per_worker: Annotated[int, Field(gt=0, le=1024)] = 1
     # Extra Ray resources each worker asks for: a custom resource of some nodes, or
     # {"accelerator_type:H100": 0.001} to pick a GPU type on a mixed cluster.
-    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    resources_per_worker: ResourceAmounts = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = "relora"
-    storage_path: str = "./runs"  # local folder, shared filesystem or s3://... on a cluster
-    max_failures: Annotated[int, Field(ge=-1)] = 2  # worker-group restarts from the last checkpoint; -1: no limit
-    checkpoints_to_keep: Positive = 2
+    name: Name = "relora"
+    storage_path: Text = "./runs"  # local folder, shared filesystem or s3://... on a cluster
+    max_failures: Annotated[int, Field(ge=-1, le=1000)] = (
+        2  # worker-group restarts from the last checkpoint; -1: no limit
+    )
+    checkpoints_to_keep: Annotated[int, Field(gt=0, le=1000)] = 2
 
 
 @dataclass(frozen=True)
 class TrialConfig:
     """One trial, resolved: every default filled in and every relation between keys checked."""
 
-    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", strict=True)
-    seed: int = 0
+    __pydantic_config__: ClassVar[ConfigDict] = SPEC_RULES
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     relora: relora.ReLoRAConfig = field(default_factory=relora.ReLoRAConfig)
@@ -153,6 +190,10 @@ def _check_data(d: DataConfig) -> None:
                 raise ConfigError(
                     f"data.paths[{i}]", f"unsupported file type {path.suffix!r} (txt, jsonl, json, parquet)"
                 )
+    if ".." in Path(d.tokenizer).parts:
+        raise ConfigError(
+            "data.tokenizer", f"must be a hub name or a folder without '..' parts, got {shown(d.tokenizer)}"
+        )
     if d.source == "hub" and not d.hub_path:
         raise ConfigError("data.hub_path", "must name a hub dataset when data.source is 'hub'")
     if d.tokenizer == "bpe" and d.vocab_size < 300:
@@ -186,6 +227,13 @@ def _check_relations(cfg: TrialConfig) -> None:
             "model.name", f"unknown model {cfg.model.name!r}; choose one of {sorted(relora.MODEL_SHAPES)}"
         )
     _check_data(d)
+    for i, module in enumerate(r.target_modules):
+        if module not in relora.LLAMA_TARGET_MODULES:  # every model of relora.MODEL_SHAPES is a LLaMA
+            raise ConfigError(
+                f"relora.target_modules[{i}]",
+                f"matches no linear layer of {cfg.model.name}, got {shown(module)}; "
+                f"choose from {list(relora.LLAMA_TARGET_MODULES)}",
+            )
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage",
@@ -238,11 +286,17 @@ def _as_config_error(error: ValidationError, root: type, prefix: str = "") -> Co
         message = f"unknown key; known keys: {sorted(_field_hints(parent))}"
     elif first["type"] == "too_long" or (first["type"] == "missing" and isinstance(first["loc"][-1], int)):
         path, pair = _dotted(root, first["loc"][:-1] if first["type"] == "missing" else first["loc"])
-        message = f"must have {len(typing.get_args(pair))} items, got {first['input']!r}"
+        message = f"must have {len(typing.get_args(pair))} items, got {shown(first['input'])}"
+    elif first["type"] == "string_pattern_mismatch":
+        message = (
+            f"must be a relative name without '..' parts, quotes or control characters, got {shown(first['input'])}"
+        )
     else:  # a union fails once per member: say what each member would have taken
         same = [e for e in error.errors() if _dotted(root, e["loc"])[0] == path] or [first]
-        wanted = " or ".join(dict.fromkeys(e["msg"].replace("Input should be ", "") for e in same))
-        message = f"must be {wanted}, got {first['input']!r}"
+        wanted = list(dict.fromkeys(e["msg"].split(" should ", 1)[-1] for e in same))
+        if all(w.startswith("be ") for w in wanted):
+            wanted = ["be " + " or ".join(w[3:] for w in wanted)]
+        message = f"must {' or '.join(wanted)}, got {shown(first['input'])}"
     if not path:
         path = "<root>"
     return ConfigError(f"{prefix}.{path}" if prefix and path != "<root>" else prefix or path, message)
@@ -302,15 +356,58 @@ def config_from_dict(data: dict) -> TrialConfig:
     return validate(TrialConfig, data or {})
 
 
+MAX_SPEC_BYTES = 1 << 20  # a config is a page of YAML; a megabyte is a mistake or an attack
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_NODES = 100_000  # aliases can make a small file a huge tree ("billion laughs")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Refuse trees too deep or too large to be a config, without recursing ourselves."""
+    stack, nodes = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SPEC_DEPTH:
+            raise ConfigError(where, f"is nested more than {MAX_SPEC_DEPTH} levels deep")
+        if nodes > MAX_SPEC_NODES:
+            raise ConfigError(where, f"holds more than {MAX_SPEC_NODES} values (YAML aliases?)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A spec file as data: UTF-8 YAML, at most MAX_SPEC_BYTES, no duplicate keys, a sane shape."""
     path = Path(path)
+    where = shown(str(path)).strip("'\"")
     if not path.is_file():
-        raise ConfigError(str(path), "no such config file")
+        raise ConfigError(where, "no such config file")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise ConfigError(where, f"is {path.stat().st_size} bytes; a config file holds at most {MAX_SPEC_BYTES}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(where, f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), f"is not valid YAML: {error}".replace("\n", " ")) from None
-    return data or {}
+        raise ConfigError(where, f"is not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(where, f"is nested more than {MAX_SPEC_DEPTH} levels deep") from None
+    _check_shape(data, where)
+    return data if data is not None else {}
 
 
 def load_config(path: str | Path, storage: str | None = None, overrides: Sequence[str] = ()) -> TrialConfig:

@@ -34,15 +34,20 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 from pydantic import ConfigDict, Field
 
 from orchestrator.config import (
+    SPEC_RULES,
+    STEPS,
     ConfigError,
-    Positive,
+    Name,
+    ResourceAmounts,
     TrialConfig,
+    Workers,
     check_environment,
     config_from_dict,
     config_to_dict,
     known_key,
     replace_dotted,
     set_dotted,
+    shown,
     validate,
 )
 
@@ -57,16 +62,16 @@ VARIANT = "variant"
 @dataclass(frozen=True)
 class SchedulerSpec:
     type: Literal["asha", "none"] = "asha"
-    grace_period: Positive = 20  # steps every trial runs before ASHA may stop it
-    reduction_factor: Annotated[int, Field(ge=2)] = 2  # ASHA keeps 1 / reduction_factor at each rung
+    grace_period: Annotated[int, Field(gt=0, le=STEPS)] = 20  # steps every trial runs before ASHA may stop it
+    reduction_factor: Annotated[int, Field(ge=2, le=100)] = 2  # ASHA keeps 1 / reduction_factor at each rung
 
 
 @dataclass(frozen=True)
 class ResourcesSpec:
-    num_workers: Positive = 2  # Ray Train workers per trial
+    num_workers: Workers = 2  # Ray Train workers per trial
     gpus_per_worker: float = 0  # 0: CPUs only; 1: a GPU per worker; a fraction shares one
-    cpus_per_worker: Positive = 1
-    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra Ray resources
+    cpus_per_worker: Annotated[int, Field(gt=0, le=1024)] = 1
+    resources_per_worker: ResourceAmounts = field(default_factory=dict)  # extra Ray resources
 
     def __post_init__(self) -> None:
         if not 0 <= self.gpus_per_worker <= 1:
@@ -79,17 +84,17 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", strict=True)
+    __pydantic_config__: ClassVar[ConfigDict] = SPEC_RULES
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # dotted.key -> {distribution: values}
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dotted.key: value}, a grid
-    num_samples: Positive = 1
+    num_samples: Annotated[int, Field(gt=0, le=100_000)] = 1
     metric: Metric = "val_ppl"
     mode: Literal["min", "max"] = "min"
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     search_alg: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: Positive = 2
+    max_concurrent_trials: Annotated[int, Field(gt=0, le=1024)] = 2
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    register_model: str = ""
+    register_model: Name | Literal[""] = ""  # "" : <run.name>-best
 
 
 @dataclass(frozen=True)
@@ -132,36 +137,53 @@ def _check_distribution(path: str, dist: dict) -> list:
     """The values a distribution can take at its edges (all of them for grid/choice)."""
     where = f"search.params.{path}"
     if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
-        raise ConfigError(where, f"must be one mapping of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {dist!r}")
+        raise ConfigError(where, f"must be one mapping of {{{' | '.join(DISTRIBUTIONS)}: ...}}, got {shown(dist)}")
     kind, values = next(iter(dist.items()))
     if kind in ("grid", "choice"):
         if not isinstance(values, list) or not values:
-            raise ConfigError(where, f"{kind} needs a non-empty list, got {values!r}")
+            raise ConfigError(where, f"{kind} needs a non-empty list, got {shown(values)}")
         return values
-    if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)):
-        raise ConfigError(where, f"{kind} needs [low, high], got {values!r}")
+    numbers = isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not (numbers and len(values) == 2 and all(math.isfinite(v) for v in values)):
+        raise ConfigError(where, f"{kind} needs [low, high], two finite numbers, got {shown(values)}")
     low, high = values
     if not low < high:
-        raise ConfigError(where, f"{kind} needs low < high, got {values!r}")
+        raise ConfigError(where, f"{kind} needs low < high, got {shown(values)}")
     if kind == "loguniform" and low <= 0:
-        raise ConfigError(where, f"loguniform needs low > 0, got {low!r}")
+        raise ConfigError(where, f"loguniform needs low > 0, got {shown(low)}")
     if kind == "randint":
         if not all(isinstance(v, int) for v in values):
-            raise ConfigError(where, f"randint needs integers, got {values!r}")
+            raise ConfigError(where, f"randint needs integers, got {shown(values)}")
         return [low, high - 1]  # Tune's randint excludes high
     return [low, high]
 
 
+# Sections fixed for the whole sweep: the data is prepared once, the run names the sweep's
+# storage, and workers and GPUs are `search.resources`.
+FIXED_SECTIONS = ("data", "run", "scaling")
+
+
+def _check_swept_key(where: str, path: str) -> None:
+    if not known_key(path):
+        raise ConfigError(where, "is not a config key (use a dotted path such as relora.rank)")
+    if path.split(".")[0] in FIXED_SECTIONS:
+        raise ConfigError(
+            where,
+            f"cannot vary per trial: {', '.join(FIXED_SECTIONS)} are one for the whole sweep "
+            "(workers and GPUs go in search.resources)",
+        )
+
+
 def _check_swept_keys(search: SearchSpec) -> None:
     for path in search.params:
-        if not known_key(path):
-            raise ConfigError(f"search.params.{path}", "is not a config key (use a dotted path such as relora.rank)")
-        if path.startswith("scaling."):
-            raise ConfigError(f"search.params.{path}", "set workers and GPUs in search.resources, not per trial")
+        _check_swept_key(f"search.params.{path}", path)
     for variant, overrides in search.variants.items():
         for path in overrides:
-            if not known_key(path) or path.startswith("scaling."):
-                raise ConfigError(f"search.variants.{variant}.{path}", "is not a config key a trial may set")
+            _check_swept_key(f"search.variants.{variant}.{path}", path)
+            if path in search.params:
+                raise ConfigError(
+                    f"search.params.{path}", f"is also set by variant {variant!r}: set it in one place only"
+                )
 
 
 def _check_search_against(search: SearchSpec, base: TrialConfig) -> None:
@@ -181,11 +203,18 @@ def _check_search_against(search: SearchSpec, base: TrialConfig) -> None:
 
 
 def _edge_samples(search: SearchSpec) -> Iterator[dict]:
-    """Every combination of the swept values at their edges (at most MAX_CHECKED_COMBINATIONS)."""
+    """Every combination of the swept values at their edges."""
     edges = {path: _check_distribution(path, dist) for path, dist in search.params.items()}
     if search.variants:
         edges[VARIANT] = list(search.variants)
-    for values in itertools.islice(itertools.product(*edges.values()), MAX_CHECKED_COMBINATIONS):
+    count = math.prod(len(values) for values in edges.values())
+    if count > MAX_CHECKED_COMBINATIONS:
+        raise ConfigError(
+            "search.params",
+            f"spans {count} combinations of values at their edges; every one is checked before "
+            f"the sweep starts, and at most {MAX_CHECKED_COMBINATIONS} can be: sweep fewer keys at once",
+        )
+    for values in itertools.product(*edges.values()):
         yield dict(zip(edges, values, strict=True))
 
 

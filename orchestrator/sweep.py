@@ -18,7 +18,15 @@ import logging
 import os
 import sys
 
-from orchestrator.config import ConfigError, TrialConfig, config_to_dict, load_yaml, with_overrides, with_storage
+from orchestrator.config import (
+    ConfigError,
+    TrialConfig,
+    config_to_dict,
+    load_yaml,
+    redact,
+    with_overrides,
+    with_storage,
+)
 from orchestrator.data import PreparedData, prepare_data, share_data
 from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
 
@@ -81,7 +89,7 @@ def describe(spec: SweepSpec) -> str:
             else ""
         )
     )
-    lines.append(f"  storage: {storage_root(spec)}/{spec.base_config.run.name}")
+    lines.append(f"  storage: {redact(storage_root(spec))}/{spec.base_config.run.name}")
     return "\n".join(lines)
 
 
@@ -190,7 +198,7 @@ def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
     s = spec.search
     path = f"{storage_root(spec)}/{spec.base_config.run.name}"
     if resume and tune.Tuner.can_restore(path):
-        print(f"resuming the sweep at {path}")
+        print(f"resuming the sweep at {redact(path)}")
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
@@ -287,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
     ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None
-    print("\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {tracking_uri}")
+    print(
+        "\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {redact(tracking_uri)}"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
+
+from orchestrator.config import redact
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class SweepTracker:
             },
         )
         now = int(time.time() * 1000)
-        params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+        params = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in flatten(config).items()]
         metrics = [
             mlflow.entities.Metric(k, float(h[k]), now, int(h["step"]))
             for h in history
@@ -128,6 +131,7 @@ class MlflowTuneCallback(Callback):
         self.pending: list[tuple] = []  # MLflow calls that failed, retried later
         self.nodes: dict[str, set[str]] = {}  # trial -> Ray nodes its workers ran on
         self.resumes: dict[str, list[int]] = {}  # trial -> steps it resumed from a checkpoint at
+        self.downloads: list[str] = []  # local copies of checkpoints from object storage
 
     # --- resilient calls -------------------------------------------------------------
 
@@ -137,6 +141,14 @@ class MlflowTuneCallback(Callback):
         self.flush()
 
     def flush(self) -> None:
+        """Run the calls kept for retry, in order; once none is left, delete the downloads."""
+        self._run_pending()
+        if not self.pending:
+            for folder in self.downloads:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.downloads.clear()
+
+    def _run_pending(self) -> None:
         while self.pending:
             method, args, kwargs = self.pending[0]
             try:
@@ -165,7 +177,7 @@ class MlflowTuneCallback(Callback):
             self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
             self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
             config = self.trial_configs(trial)
-            params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+            params = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in flatten(config).items()]
             for i in range(0, len(params), 100):
                 self._call("log_batch", self.run_ids[trial.trial_id], params=params[i : i + 100])
             self._call("set_tag", self.run_ids[trial.trial_id], "status", "running")
@@ -227,7 +239,7 @@ class MlflowTuneCallback(Callback):
             self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
             self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
         self._call("set_tag", run_id, "status", status)
-        self._call("set_tag", run_id, "stop_reason", reason)
+        self._call("set_tag", run_id, "stop_reason", redact(reason))
         best = self.best_value(trial.trial_id)
         if math.isfinite(best):
             self._call("log_metric", run_id, f"best_{self.metric}", best)
@@ -243,6 +255,7 @@ class MlflowTuneCallback(Callback):
 
         fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
         local = tempfile.mkdtemp(prefix="relora-checkpoint-")
+        self.downloads.append(local)  # deleted once every MLflow call that reads it has run
         # Only what MLflow gets: the merged model and the history, not the DeepSpeed state.
         for name in ("merged", "history.jsonl"):
             pyarrow.fs.copy_files(f"{checkpoint}/{name}", f"{local}/{name}", fs, pyarrow.fs.LocalFileSystem())

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 import relora
 from orchestrator.config import TrialConfig
@@ -33,7 +34,7 @@ from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, loa
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
 META = "meta.json"  # where the run stands: step, phase, restart count
-START_WEIGHTS = "start_weights.pt"  # W at the switch to low rank, for the update rank
+START_WEIGHTS = "start_weights.safetensors"  # W at the switch to low rank, for the update rank (never a pickle)
 DS_TAG = "deepspeed"
 
 
@@ -240,7 +241,7 @@ class Worker:
                 meta = {"step": self.step, "low_rank": self.start_weights is not None, "restarts": self.restarts}
                 self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state=meta)
                 if self.rank == 0 and self.start_weights is not None:
-                    torch.save(self.start_weights, Path(tmp) / START_WEIGHTS)
+                    save_file({k: v.contiguous() for k, v in self.start_weights.items()}, Path(tmp) / START_WEIGHTS)
                 if self.rank == 0:
                     (Path(tmp) / META).write_text(json.dumps(meta))
             if self.rank == 0:
@@ -257,7 +258,7 @@ class Worker:
         self.train_seconds = self.history[-1].get("train_seconds", 0.0)
         if meta["low_rank"]:
             self.switch_to_low_rank()  # wraps and builds the low-rank engine; weights come next
-            self.start_weights = torch.load(Path(checkpoint_dir) / START_WEIGHTS)
+            self.start_weights = load_file(Path(checkpoint_dir) / START_WEIGHTS)
         else:
             self.build_engine()
         self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
@@ -296,8 +297,6 @@ class Worker:
             self.restore(checkpoint_dir)
             self.report({"event": "resume", "from_step": self.step, "nodes": self.nodes()})
         elif warm_start:
-            from safetensors.torch import load_file
-
             self.model.load_state_dict(load_file(Path(warm_start) / "model.safetensors"))
             self.step = self.cfg.relora.warm_start_steps
             self.report({"event": "start", "from_warm_start": True, "nodes": self.nodes(), **self.evaluate()})
