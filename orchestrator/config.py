@@ -331,6 +331,72 @@ def check_environment(cfg: TrialConfig) -> None:
             raise ConfigError(f"data.paths[{i}]", f"no such file: {path}")
 
 
+PROBE_SECONDS = 10
+
+
+def _within(seconds: float, call, *args):
+    """``call(*args)``, or TimeoutError when it has not returned in ``seconds`` (it runs on, orphaned)."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(call, *args).result(timeout=seconds)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def check_storage(storage: str, where: str = "run.storage_path") -> None:
+    """The storage path can be written: one probe file, made and removed, within PROBE_SECONDS."""
+    import pyarrow.fs
+
+    def probe() -> None:
+        if "://" in storage:
+            fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+        else:
+            fs, root = pyarrow.fs.LocalFileSystem(), str(Path(storage).expanduser().resolve())
+        fs.create_dir(root, recursive=True)
+        probe_path = f"{root}/.relora-write-probe-{os.getpid()}"
+        with fs.open_output_stream(probe_path) as f:
+            f.write(b"ok")
+        fs.delete_file(probe_path)
+
+    try:
+        _within(PROBE_SECONDS, probe)
+    except TimeoutError:
+        raise ConfigError(where, f"{redact(storage)} did not answer within {PROBE_SECONDS} s") from None
+    except Exception as error:  # noqa: BLE001 (pyarrow raises OSError, ArrowInvalid, ...)
+        raise ConfigError(where, f"cannot write to {redact(storage)}: {error}") from None
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> None:
+    """The MLflow store can be used: a local store's folder is writable, a server answers /health."""
+    import urllib.request
+
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    scheme = scheme.split("+", 1)[0]  # postgresql+psycopg2://...
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(where, f"unsupported scheme in {redact(uri)}; use one of {list(TRACKING_SCHEMES)}")
+    if scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(where, f"cannot write the MLflow database in {folder}")
+    if scheme in ("http", "https"):
+        try:
+            _within(PROBE_SECONDS, lambda: urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS))
+        except Exception as error:  # noqa: BLE001
+            raise ConfigError(
+                where, f"no MLflow server answers at {redact(uri)} ({error}); start it, or leave it out for ./mlflow.db"
+            ) from None
+
+
 def known_key(path: str) -> bool:
     """Whether ``path`` (e.g. ``relora.rank``) names a value of a trial config."""
     hint: Any = TrialConfig
@@ -462,6 +528,18 @@ def with_storage(data: Any, storage: str | None) -> Any:
         return data
     run = data.get("run") if isinstance(data.get("run"), dict) else {}
     return {**data, "run": {**run, "storage_path": storage}}
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as one level of dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
 
 
 def config_to_dict(cfg: TrialConfig) -> dict:

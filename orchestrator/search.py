@@ -253,7 +253,7 @@ def load_sweep(data: Any) -> SweepSpec:
     if not isinstance(data, dict) or "search" not in data:
         raise ConfigError("search", "a sweep file needs a `search` block (use orchestrator.train for one trial)")
     trial = {key: value for key, value in data.items() if key != "search"}
-    search = validate(SearchSpec, data["search"] or {}, "search")
+    search = validate(SearchSpec, {} if data["search"] is None else data["search"], "search")
     base = config_from_dict(with_resources(trial, search.resources))
     _check_search_against(search, base)
     _check_swept_keys(search)

@@ -14,6 +14,8 @@ keeps its MLflow run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -21,14 +23,20 @@ import sys
 from orchestrator.config import (
     ConfigError,
     TrialConfig,
+    check_storage,
+    check_tracking_uri,
     config_to_dict,
+    default_tracking_uri,
+    flatten,
     load_yaml,
     redact,
+    shown,
     with_overrides,
     with_storage,
 )
 from orchestrator.data import PreparedData, prepare_data, share_data
 from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
+from orchestrator.train import local_cpu_limit, storage_uri
 
 log = logging.getLogger("orchestrator.sweep")
 
@@ -58,7 +66,6 @@ def tune_trial(
 
 
 def storage_root(spec: SweepSpec) -> str:
-    from orchestrator.train import storage_uri
 
     return storage_uri(spec.base_config.run.storage_path)
 
@@ -93,8 +100,49 @@ def describe(spec: SweepSpec) -> str:
     return "\n".join(lines)
 
 
+def local_cpus_needed(spec: SweepSpec) -> int:
+    """Logical CPUs a local Ray declares: a Tune actor and the workers of each concurrent trial."""
+    r = spec.search.resources
+    return spec.search.max_concurrent_trials * (1 + r.num_workers * r.cpus_per_worker) + 1
+
+
+def check_local_resources(spec: SweepSpec) -> None:
+    """Without a cluster, refuse a sweep that would oversubscribe this machine absurdly."""
+    needed, limit = local_cpus_needed(spec), local_cpu_limit()
+    if needed > limit:
+        r = spec.search.resources
+        key = (
+            "search.resources.num_workers"
+            if 1 + r.num_workers * r.cpus_per_worker > limit
+            else "search.max_concurrent_trials"
+        )
+        raise ConfigError(
+            key,
+            f"the sweep needs {needed} logical CPUs at once, more than this machine's limit of {limit} "
+            f"({os.cpu_count()} cores): lower it, or run on a cluster (--address / RAY_ADDRESS)",
+        )
+
+
+def check_cluster_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
+    """On a cluster, refuse a trial that could never be placed: Tune would wait for it forever."""
+    scaling = spec.base_config.scaling
+    wanted = {"CPU": scaling.num_workers * scaling.cpus_per_worker + 1}
+    if scaling.use_gpu is True:
+        wanted["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    for name, amount in scaling.resources_per_worker.items():
+        wanted[name] = scaling.num_workers * amount
+    for name, amount in wanted.items():
+        if amount > cluster.get(name, 0):
+            raise ConfigError(
+                "search.resources",
+                f"one trial needs {amount:g} {name}, and the whole cluster has {cluster.get(name, 0):g} "
+                "(an autoscaling cluster counts only the nodes it has started)",
+            )
+
+
 def init_ray(address: str | None, spec: SweepSpec) -> None:
-    """Join a cluster, or start a local Ray with enough logical CPUs for the concurrent trials.
+    """Join a cluster (whose resources must fit a trial), or start a local Ray with enough
+    logical CPUs for the concurrent trials.
 
     Each trial holds one CPU for its Tune actor and its Train workers hold their own
     placement group; logical CPUs are scheduling slots, not cores, so on a small machine we
@@ -105,10 +153,9 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+        check_cluster_resources(spec, ray.cluster_resources())
         return
-    r = spec.search.resources
-    needed = spec.search.max_concurrent_trials * (1 + r.num_workers * r.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+    ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus_needed(spec)))
 
 
 # A custom resource that only the cluster's head node offers (cluster.yaml, cluster.local.yaml).
@@ -122,6 +169,50 @@ def trial_actor_resources(cluster_resources: dict[str, float]) -> dict[str, floa
     """What each trial's Tune actor asks for: a CPU, and a head-only slot where the cluster has one."""
     pin = {TRIAL_DRIVER_RESOURCE: 1} if cluster_resources.get(TRIAL_DRIVER_RESOURCE, 0) > 0 else {}
     return {"cpu": 1, **pin}
+
+
+SPEC_RECORD = "relora-sweep.json"  # the spec a sweep started with, beside Tune's own state
+
+
+def spec_record(spec: SweepSpec) -> dict:
+    """What a resumed sweep must share with the one it resumes, flattened to dotted keys."""
+    record = flatten({**config_to_dict(spec.base_config), "search": dataclasses.asdict(spec.search)})
+    record.pop("run.storage_path")  # where the sweep lives, not what it is
+    return json.loads(json.dumps(record, default=str))
+
+
+def _record_path(spec: SweepSpec) -> tuple:
+    from orchestrator.data import storage_filesystem
+
+    fs, root = storage_filesystem(storage_root(spec))
+    return fs, f"{root}/{spec.base_config.run.name}/{SPEC_RECORD}"
+
+
+def check_unchanged(spec: SweepSpec) -> None:
+    """Refuse to resume a sweep under the same run.name whose spec has changed since it started."""
+    fs, path = _record_path(spec)
+    try:
+        with fs.open_input_stream(path) as f:
+            stored = json.loads(f.read())
+    except (FileNotFoundError, OSError):
+        return  # a new sweep (or one from before the record): nothing to compare
+    current = spec_record(spec)
+    changed = sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
+    if changed:
+        key = changed[0]
+        raise ConfigError(
+            key,
+            f"differs from the sweep {spec.base_config.run.name!r} already stored (was {shown(stored.get(key))}, "
+            f"now {shown(current.get(key))}; {len(changed)} keys differ): run it with --fresh to start over, "
+            "or give it another run.name",
+        )
+
+
+def write_record(spec: SweepSpec) -> None:
+    fs, path = _record_path(spec)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(spec_record(spec), indent=1, sort_keys=True).encode())
 
 
 def make_trainable(spec: SweepSpec, data: PreparedData, warm_starts: dict):
@@ -251,6 +342,7 @@ def run_sweep(spec: SweepSpec, spec_file: str, args: argparse.Namespace, tracker
     warm_starts = ensure_warm_starts(spec, data, storage_root(spec), tracker)
     # Only eval steps carry val_ppl; Tune would otherwise reject every train-loss report.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    write_record(spec)
     callback = make_callback(spec, data, tracker, warm_starts)
     make_tuner(spec, make_trainable(spec, data, warm_starts), callback, resume=not args.fresh).fit()
     callback.flush()
@@ -276,8 +368,15 @@ def summarize(spec: SweepSpec, tracker) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tracking_uri = args.tracking_uri or default_tracking_uri()
     try:
         spec = load_sweep(with_storage(with_overrides(load_yaml(args.spec), args.set), args.storage))
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            check_local_resources(spec)
+        check_storage(storage_root(spec))
+        check_tracking_uri(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
+        if not args.fresh:
+            check_unchanged(spec)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -286,12 +385,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from orchestrator.tracking import SweepTracker, default_tracking_uri
+    from orchestrator.tracking import SweepTracker
 
-    tracking_uri = args.tracking_uri or default_tracking_uri()
     name = spec.base_config.run.name
     tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
-    run_sweep(spec, args.spec, args, tracker)
+    try:
+        run_sweep(spec, args.spec, args, tracker)
+    except ConfigError as error:  # the cluster joined cannot place a trial
+        print(f"config error: {error}", file=sys.stderr)
+        tracker.client.set_terminated(tracker.parent_id, "FAILED")
+        return 2
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
     ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None

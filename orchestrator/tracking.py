@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from orchestrator.config import redact
+from orchestrator.config import flatten, redact
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +29,9 @@ TRIAL_ID_TAG = "tune_trial_id"
 SWEEP_TAG = "relora_sweep"
 
 
-def default_tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else a SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+def params_of(config: dict) -> list[mlflow.entities.Param]:
+    """A resolved config as MLflow params: dotted keys, values cut to MLflow's limit, credentials blanked."""
+    return [mlflow.entities.Param(key, redact(value)[:6000]) for key, value in flatten(config).items()]
 
 
 def is_transient(error: Exception) -> bool:
@@ -43,17 +41,6 @@ def is_transient(error: Exception) -> bool:
         status = error.get_http_status_code()
         return not (400 <= status < 500) or status == 429
     return True
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
 
 
 class SweepTracker:
@@ -91,7 +78,7 @@ class SweepTracker:
             },
         )
         now = int(time.time() * 1000)
-        params = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in flatten(config).items()]
+        params = params_of(config)
         metrics = [
             mlflow.entities.Metric(k, float(h[k]), now, int(h["step"]))
             for h in history
@@ -177,7 +164,7 @@ class MlflowTuneCallback(Callback):
             self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
             self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
             config = self.trial_configs(trial)
-            params = [mlflow.entities.Param(k, redact(v)[:6000]) for k, v in flatten(config).items()]
+            params = params_of(config)
             for i in range(0, len(params), 100):
                 self._call("log_batch", self.run_ids[trial.trial_id], params=params[i : i + 100])
             self._call("set_tag", self.run_ids[trial.trial_id], "status", "running")

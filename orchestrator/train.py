@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, TrialConfig, load_config
+from orchestrator.config import ConfigError, TrialConfig, check_storage, load_config
 from orchestrator.data import PreparedData, prepare_data, share_data
 
 log = logging.getLogger("orchestrator.train")
@@ -41,6 +41,21 @@ def init_ray(address: str | None, cfg: TrialConfig) -> None:
         return
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+
+
+def local_cpu_limit() -> int:
+    """Logical CPUs are scheduling slots, not cores; past this many a laptop only thrashes."""
+    return max(64, 16 * (os.cpu_count() or 1))
+
+
+def check_local_resources(cfg: TrialConfig) -> None:
+    needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+    if needed > local_cpu_limit():
+        raise ConfigError(
+            "scaling.num_workers",
+            f"the trial needs {needed} logical CPUs, more than this machine's limit of {local_cpu_limit()} "
+            f"({os.cpu_count()} cores): lower it, or run on a cluster (--address / RAY_ADDRESS)",
+        )
 
 
 def storage_uri(storage: str) -> str:
@@ -123,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.storage, args.set)
+        check_storage(storage_uri(cfg.run.storage_path))
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            check_local_resources(cfg)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -169,3 +169,30 @@ def test_interrupted_sweep_resumes_without_duplicates(make_trial, mlflow_server,
         events = [json.loads(line).get("event") for line in open(local)]
         resumed += "resume" in events
     assert resumed >= 1
+
+
+def test_a_changed_sweep_is_not_resumed_silently(make_trial, tmp_path, capsys):
+    """The same run.name with another spec is refused before any work, naming the key; --fresh starts over."""
+    from orchestrator.search import load_sweep
+    from orchestrator.sweep import main, write_record
+
+    spec = make_trial(run__name="changed", run__storage_path=str(tmp_path / "runs"))
+    spec["search"] = {"params": {"relora.rank": {"grid": [2, 4]}}, "scheduler": {"type": "none"}}
+    write_record(load_sweep(spec))  # as a sweep that started with this spec left it
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 0  # unchanged: it resumes
+    assert main([str(path), "--dry-run", "--set", "optim.lr=0.01"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("config error: optim.lr: differs from the sweep 'changed'")
+    assert main([str(path), "--dry-run", "--set", "optim.lr=0.01", "--fresh"]) == 0
+
+
+def test_credentials_in_the_storage_uri_are_not_printed(make_trial):
+    from orchestrator.search import load_sweep
+    from orchestrator.sweep import describe
+
+    spec = make_trial(run__storage_path="s3://AKIAEXAMPLE:wJalrSECRET@bucket/sweeps")
+    spec["search"] = {"params": {"relora.rank": {"grid": [2, 4]}}, "scheduler": {"type": "none"}}
+    shown = describe(load_sweep(spec))
+    assert "s3://***@bucket/sweeps" in shown and "SECRET" not in shown and "AKIA" not in shown
