@@ -134,7 +134,7 @@ def train(job: dict) -> dict:
     data = PreparedData(**job["data"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blocks = load_blocks(data.path)
-    train_blocks, val_blocks = blocks[TRAIN][:]["input_ids"], blocks[VALIDATION][:]["input_ids"]
+    train_blocks, val_blocks = blocks[TRAIN][:], blocks[VALIDATION][:]
     sampler = ShardSampler(len(train_blocks), rank=0, world_size=1, seed=seed)
     torch.manual_seed(seed)
     model = relora.build_model(scale.model, vocab_size=data.vocab_size, max_position_embeddings=scale.seq_len)
@@ -246,11 +246,15 @@ def main() -> None:
     if "shakespeare" in corpora and not args.shakespeare.is_file():
         parser.error(f"--shakespeare: {args.shakespeare} is missing (pass its path, or use --corpus builtin)")
 
+    import ray
+
     from orchestrator.data import prepare_data
 
+    ray.init(include_dashboard=False)  # Ray Data prepares the corpora; the jobs below need no Ray
     data = {
         c: dataclasses.asdict(prepare_data(corpus_config(c, scale, args.cache_dir, args.shakespeare))) for c in corpora
     }
+    ray.shutdown()
     jobs = [
         {"corpus": c, "variant": v, "seed": s, "scale": dataclasses.asdict(scale), "data": data[c], "threads": 1}
         for c in corpora

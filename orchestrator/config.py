@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import glob
 import json
+import math
 import os
 import re
 import typing
@@ -83,15 +85,18 @@ class ModelConfig:
 class DataConfig:
     # Where the text comes from:
     #   "builtin"            the offline corpus shipped with every CPython (docs and docstrings)
-    #   "file"               local files: `paths` (.txt, .jsonl/.json, .parquet)
+    #   "file"               local or shared files: `paths` (.txt, .jsonl/.json, .parquet, each
+    #                        optionally .gz; globs such as /data/c4/*.jsonl.gz); one type per run
     #   "hub"                a Hugging Face hub dataset: `hub_path` (+ `hub_name`, `hub_split`)
     source: Literal["builtin", "file", "hub"] = "builtin"
     paths: Annotated[list[Text], Field(max_length=10_000)] = field(default_factory=list)
     hub_path: str = ""
     hub_name: str = ""
     hub_split: str = "train"
-    streaming: bool = False  # stream a large hub dataset instead of downloading it whole
-    max_documents: Annotated[int, Field(ge=0, le=10**12)] = 0  # 0: all; with streaming, how many documents to take
+    # Stream a large hub dataset instead of downloading it whole: it is read up to the run's
+    # token budget (total_steps x global_batch_size x seq_len) plus the validation share.
+    streaming: bool = False
+    max_documents: Annotated[int, Field(ge=0, le=10**12)] = 0  # 0: all (or, streaming, the budget)
     text_column: Text = "text"
     # "bpe": a byte-level BPE trained on the corpus with `tokenizers` (cached); anything
     # else is a hub tokenizer name or a local tokenizer directory.
@@ -99,7 +104,10 @@ class DataConfig:
     vocab_size: Annotated[int, Field(gt=0, le=1_000_000)] = 4096  # for tokenizer: bpe
     seq_len: Annotated[int, Field(gt=0, le=131_072)] = 128  # tokens per packed block
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05  # of the documents, held out before packing
-    cache_dir: Text = "~/.cache/relora-sweeps/data"  # on a cluster: a shared path
+    cache_dir: Text = "~/.cache/relora-sweeps/data"
+    # Passes over the prepared training tokens a run may make. The paper trains on each token
+    # once: a run that would need more is refused, unless this says to repeat them.
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 1.0  # on a cluster: a shared path
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,11 @@ class TrialConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
+    def token_budget(self) -> int:
+        """Training tokens the run consumes: total_steps x global_batch_size x seq_len."""
+        return self.train.total_steps * self.train.global_batch_size * self.data.seq_len
+
+    @property
     def grad_accum_steps(self) -> int:
         """Micro-batches per worker per optimizer step: global / (micro * workers)."""
         return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
@@ -186,7 +199,7 @@ def _check_data(d: DataConfig) -> None:
             raise ConfigError("data.paths", "must list at least one file when data.source is 'file'")
         for i, p in enumerate(d.paths):  # whether they exist is `check_environment`'s
             path = Path(p).expanduser()
-            if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
+            if not path.name.removesuffix(".gz").endswith((".txt", ".jsonl", ".json", ".parquet")):
                 raise ConfigError(
                     f"data.paths[{i}]", f"unsupported file type {path.suffix!r} (txt, jsonl, json, parquet)"
                 )
@@ -194,6 +207,9 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError(
             "data.tokenizer", f"must be a hub name or a folder without '..' parts, got {shown(d.tokenizer)}"
         )
+    kinds = {Path(p).name.removesuffix(".gz").rsplit(".", 1)[-1].replace("jsonl", "json") for p in d.paths}
+    if d.source == "file" and len(kinds) > 1:
+        raise ConfigError("data.paths", f"mixes file types {sorted(kinds)}: use one")
     if d.source == "hub" and not d.hub_path:
         raise ConfigError("data.hub_path", "must name a hub dataset when data.source is 'hub'")
     if d.tokenizer == "bpe" and d.vocab_size < 300:
@@ -320,14 +336,24 @@ def _adapter(cls: type) -> TypeAdapter:
 
 
 def check_environment(cfg: TrialConfig) -> None:
-    """What the spec cannot know: whether its input files exist on this machine (the driver's).
+    """What the spec cannot know: whether its input files exist and its cache can be written here.
 
     Run once, before Ray starts; Tune actors and Train workers never repeat it."""
+    cache = Path(cfg.data.cache_dir).expanduser()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("data.cache_dir", f"cannot be created: {error}") from None
+    if not os.access(cache, os.W_OK):
+        raise ConfigError("data.cache_dir", f"{cache} is not writable")
     if cfg.data.source != "file":
         return
     for i, p in enumerate(cfg.data.paths):
         path = Path(p).expanduser()
-        if not path.is_file():
+        if glob.has_magic(str(path)):
+            if not any(Path(match).is_file() for match in glob.iglob(str(path))):
+                raise ConfigError(f"data.paths[{i}]", f"matches no file: {path}")
+        elif not path.is_file():
             raise ConfigError(f"data.paths[{i}]", f"no such file: {path}")
 
 
@@ -395,6 +421,19 @@ def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> None:
             raise ConfigError(
                 where, f"no MLflow server answers at {redact(uri)} ({error}); start it, or leave it out for ./mlflow.db"
             ) from None
+
+
+def check_token_budget(budget: int, train_blocks: int, data: DataConfig) -> None:
+    """Refuse a run that would repeat its training tokens, unless `data.epochs` asks for that."""
+    available = train_blocks * data.seq_len
+    if budget > available * data.epochs:
+        passes = math.ceil(budget / available * 10) / 10
+        raise ConfigError(
+            "train.total_steps",
+            f"needs {budget:,} training tokens (total_steps x global_batch_size x data.seq_len), and the "
+            f"prepared data holds {available:,} (x data.epochs = {data.epochs:g}): add data, lower "
+            f"train.total_steps, or set data.epochs: {passes:g} to repeat it",
+        )
 
 
 def known_key(path: str) -> bool:

@@ -113,6 +113,11 @@ class SweepSpec:
     def num_trials(self) -> int:
         return self.grid_size * self.search.num_samples
 
+    @property
+    def token_budget(self) -> int:
+        """The most training tokens any trial consumes (swept steps and batch sizes at their edges)."""
+        return max(self.trial(params).token_budget for params in _edge_samples(self.search))
+
     def trial(self, params: dict) -> TrialConfig:
         """The config of one sample of the search space (Tune's ``trial.config``)."""
         return resolve_trial(self.base_config, params, self.search.variants)

@@ -24,6 +24,7 @@ from orchestrator.config import (
     ConfigError,
     TrialConfig,
     check_storage,
+    check_token_budget,
     check_tracking_uri,
     config_to_dict,
     default_tracking_uri,
@@ -34,7 +35,7 @@ from orchestrator.config import (
     with_overrides,
     with_storage,
 )
-from orchestrator.data import PreparedData, prepare_data, share_data
+from orchestrator.data import PreparedData, cached_data, prepare_data
 from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
 from orchestrator.train import local_cpu_limit, storage_uri
 
@@ -96,7 +97,11 @@ def describe(spec: SweepSpec) -> str:
             else ""
         )
     )
+    data = spec.base_config.data
+    repeats = f", at most {data.epochs:g} passes over the data" if data.epochs != 1 else ", each token once"
+    lines.append(f"  token budget: {spec.token_budget:,} training tokens per trial at most{repeats}")
     lines.append(f"  storage: {redact(storage_root(spec))}/{spec.base_config.run.name}")
+
     return "\n".join(lines)
 
 
@@ -327,18 +332,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_sweep(spec: SweepSpec, spec_file: str, args: argparse.Namespace, tracker) -> None:
-    """Data, Ray, warm starts, then the trials; the MLflow callback has every result when it returns."""
-    from orchestrator.warmstart import ensure_warm_starts
-
-    # Before Ray starts (see data.py), and copied to the sweep's storage, where every node reads it.
-    data = share_data(prepare_data(spec.base_config.data), storage_root(spec))
+def prepare(spec: SweepSpec) -> PreparedData:
+    """The sweep's data, prepared on Ray Data into the sweep's storage, where every node reads
+    it, and large enough for every trial (a hub source is read up to the token budget)."""
+    cfg = spec.base_config.data
+    data = prepare_data(cfg, storage_root(spec), token_target=spec.token_budget)
+    check_token_budget(spec.token_budget, data.train_blocks, cfg)
     print(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
         f"({'cache hit' if data.cache_hit else 'prepared'})"
     )
+    return data
+
+
+def run_sweep(spec: SweepSpec, data: PreparedData, spec_file: str, args: argparse.Namespace, tracker) -> None:
+    """Warm starts, then the trials; the MLflow callback has every result when it returns."""
+    from orchestrator.warmstart import ensure_warm_starts
+
     tracker.client.log_artifact(tracker.parent_id, spec_file)
-    init_ray(args.address, spec)
     warm_starts = ensure_warm_starts(spec, data, storage_root(spec), tracker)
     # Only eval steps carry val_ppl; Tune would otherwise reject every train-loss report.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -366,35 +377,42 @@ def summarize(spec: SweepSpec, tracker) -> None:
         print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry_name} version {version}")
 
 
+def check_before_work(spec: SweepSpec, args: argparse.Namespace, tracking_uri: str) -> None:
+    """What the spec alone cannot tell: this machine, the storage, MLflow, an earlier sweep of the
+    same name, and (when the data is cached already) whether it holds the token budget."""
+    if not (args.address or os.environ.get("RAY_ADDRESS") or args.dry_run):  # a dry run starts nothing
+        check_local_resources(spec)
+    check_storage(storage_root(spec))
+    check_tracking_uri(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
+    if not args.fresh:
+        check_unchanged(spec)
+    cfg, budget = spec.base_config.data, spec.token_budget
+    cached = cached_data(cfg, storage_root(spec), budget) or cached_data(cfg, None, budget)  # storage, or here
+    if cached is not None:
+        check_token_budget(budget, cached.train_blocks, cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     try:
         spec = load_sweep(with_storage(with_overrides(load_yaml(args.spec), args.set), args.storage))
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
-            check_local_resources(spec)
-        check_storage(storage_root(spec))
-        check_tracking_uri(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
-        if not args.fresh:
-            check_unchanged(spec)
+        check_before_work(spec, args, tracking_uri)
+        print(describe(spec))
+        if args.dry_run:
+            return 0
+        init_ray(args.address, spec)  # a cluster that cannot place a trial is refused here
+        data = prepare(spec)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    print(describe(spec))
-    if args.dry_run:
-        return 0
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from orchestrator.tracking import SweepTracker
 
     name = spec.base_config.run.name
     tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
-    try:
-        run_sweep(spec, args.spec, args, tracker)
-    except ConfigError as error:  # the cluster joined cannot place a trial
-        print(f"config error: {error}", file=sys.stderr)
-        tracker.client.set_terminated(tracker.parent_id, "FAILED")
-        return 2
+    run_sweep(spec, data, args.spec, args, tracker)
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
     ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None

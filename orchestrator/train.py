@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, TrialConfig, check_storage, load_config
-from orchestrator.data import PreparedData, prepare_data, share_data
+from orchestrator.config import ConfigError, TrialConfig, check_storage, check_token_budget, load_config
+from orchestrator.data import PreparedData, prepare_data
 
 log = logging.getLogger("orchestrator.train")
 
@@ -141,16 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         check_storage(storage_uri(cfg.run.storage_path))
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             check_local_resources(cfg)
+        init_ray(args.address, cfg)
+        data = prepare_data(cfg.data, storage_uri(cfg.run.storage_path), token_target=cfg.token_budget)
+        check_token_budget(cfg.token_budget, data.train_blocks, cfg.data)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
 
-    data = share_data(prepare_data(cfg.data), storage_uri(cfg.run.storage_path))
     print(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks of {data.seq_len} tokens "
         f"({'cache hit' if data.cache_hit else 'prepared'}) at {data.path}"
     )
-    init_ray(args.address, cfg)
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else cfg.run.name
     from ray.train import TrainingFailedError
 

@@ -70,7 +70,7 @@ class Worker:
         self.device = self.device or torch.device("cpu")
         precision = cfg.deepspeed.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        blocks = load_blocks(data.path)
+        blocks = load_blocks(data.path, cfg.data.cache_dir)
         self.train_blocks, self.val_blocks = blocks[TRAIN], blocks[VALIDATION]
         self.sampler = ShardSampler(len(self.train_blocks), rank=self.rank, world_size=self.world_size, seed=cfg.seed)
         self.samples_per_step = cfg.train.micro_batch_size * cfg.grad_accum_steps  # per worker
@@ -193,7 +193,7 @@ class Worker:
     def train_step(self) -> float:
         """One optimizer step over this worker's next samples; returns the mean loss over all workers."""
         indices = self.sampler.indices(self.step * self.samples_per_step, self.samples_per_step)
-        batch = self.train_blocks[indices]["input_ids"].to(self.device)
+        batch = self.train_blocks[indices].to(self.device)
         losses = []
         for micro in batch.split(self.cfg.train.micro_batch_size):
             loss = self.engine(input_ids=micro, labels=micro).loss
@@ -216,7 +216,7 @@ class Worker:
         totals = torch.zeros(2, dtype=torch.float64)
         self.model.eval()  # the engine's module: ZeRO 1/2 keep whole weights on every rank
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
-            ids = self.val_blocks[mine[start : start + self.cfg.train.micro_batch_size]]["input_ids"].to(self.device)
+            ids = self.val_blocks[mine[start : start + self.cfg.train.micro_batch_size]].to(self.device)
             logits = self.model(input_ids=ids).logits[:, :-1].float()
             targets = ids[:, 1:]
             totals[0] += torch.nn.functional.cross_entropy(

@@ -126,3 +126,12 @@ def test_only_the_head_offers_the_trial_driver_resource():
     # A trial's Tune actor asks for it wherever the cluster offers it, and only there.
     assert trial_actor_resources({"CPU": 8, TRIAL_DRIVER_RESOURCE: 1000}) == {"cpu": 1, TRIAL_DRIVER_RESOURCE: 1}
     assert trial_actor_resources({"CPU": 8}) == {"cpu": 1}
+
+
+def test_secrets_stay_off_the_nodes():
+    """Both cluster files sync the checkout with .gitignore as the filter: it must keep keys out."""
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*"} <= set(ignored)
+    for name in ("cluster.yaml", "cluster.local.yaml"):
+        config = load(name)
+        assert config["rsync_filter"] == [".gitignore"], name

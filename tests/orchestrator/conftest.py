@@ -76,13 +76,37 @@ def make_trial(shakespeare, tmp_path, data_cache):
 
 @pytest.fixture(scope="session")
 def data_cache(shakespeare, tmp_path_factory) -> Path:
-    """The test trial's tokenized data, prepared once per session and before Ray starts."""
+    """The test trial's tokenized data, prepared once per session on a Ray of its own
+    (shut down after: the tests that need Ray start theirs with their own resources)."""
     from orchestrator.config import config_from_dict
     from orchestrator.data import prepare_data
 
     cache = tmp_path_factory.mktemp("data-cache")
-    prepare_data(config_from_dict(trial_dict(cache, cache)).data)
+    with ray_for_data():
+        prepare_data(config_from_dict(trial_dict(cache, cache)).data)
     return cache
+
+
+@pytest.fixture(scope="module")
+def ray_data():
+    """A local Ray for the tests that prepare data directly."""
+    with ray_for_data():
+        yield
+
+
+@contextlib.contextmanager
+def ray_for_data():
+    """A local Ray for Ray Data, unless one is running in this process already."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -159,3 +159,15 @@ def test_replace_dotted_types_the_value_and_checks_the_relations(make_trial):
     )
     with pytest.raises(ConfigError, match="^relora.warm_start_steps: must be < train.total_steps"):
         replace_dotted(cfg, "train.total_steps", cfg.relora.warm_start_steps)
+
+
+def test_the_token_budget_is_checked_against_the_prepared_tokens(make_trial):
+    from orchestrator.config import check_token_budget
+
+    cfg = config_from_dict(make_trial())
+    assert cfg.token_budget == 70 * 16 * 64
+    check_token_budget(cfg.token_budget, train_blocks=70 * 16, data=cfg.data)  # exactly one pass
+    with pytest.raises(ConfigError, match=r"^train.total_steps: needs 71,680 training tokens .* holds 71,616"):
+        check_token_budget(cfg.token_budget, train_blocks=70 * 16 - 1, data=cfg.data)
+    twice = config_from_dict({**make_trial(), "data": {**make_trial()["data"], "epochs": 2}})
+    check_token_budget(twice.token_budget, train_blocks=35 * 16, data=twice.data)

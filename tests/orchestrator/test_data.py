@@ -1,11 +1,26 @@
+"""Preparation on Ray Data, real files and a real local Ray: packing, the split, the cache,
+shards on shared and object storage, and the worker's sampler."""
+
+import gzip
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import orchestrator.data as data_module
 from orchestrator.config import DataConfig
-from orchestrator.data import ShardSampler, builtin_documents, load_blocks, prepare_data
+from orchestrator.data import (
+    ShardSampler,
+    builtin_documents,
+    cached_data,
+    is_validation,
+    load_blocks,
+    prepare_data,
+)
+
+pytestmark = pytest.mark.usefixtures("ray_data")  # Ray Data prepares on a local Ray
 
 
 def _cfg(tmp_path, shakespeare, **kw):
@@ -14,25 +29,67 @@ def _cfg(tmp_path, shakespeare, **kw):
     )
 
 
-def test_second_preparation_is_a_cache_hit_without_tokenizing(tmp_path, shakespeare, monkeypatch):
+def test_second_preparation_is_a_cache_hit_without_reading(tmp_path, shakespeare, monkeypatch):
     first = prepare_data(_cfg(tmp_path, shakespeare))
     assert not first.cache_hit and first.train_blocks > 1000 and first.validation_blocks > 10
-    mtimes = {p: os.stat(p).st_mtime_ns for p in (tmp_path).rglob("*.arrow")}
+    mtimes = {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.npy")}
 
-    def no_tokenizing(*args, **kwargs):
+    def no_reading(*args, **kwargs):
         raise AssertionError("a cache hit must not read or tokenize the documents")
 
-    monkeypatch.setattr(data_module, "load_documents", no_tokenizing)
+    monkeypatch.setattr(data_module, "read_documents", no_reading)
     second = prepare_data(_cfg(tmp_path, shakespeare))
     assert second.cache_hit and second.path == first.path
-    assert {p: os.stat(p).st_mtime_ns for p in (tmp_path).rglob("*.arrow")} == mtimes
+    assert {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.npy")} == mtimes
+
+
+def test_two_preparations_give_identical_shards(tmp_path, shakespeare):
+    one = prepare_data(_cfg(tmp_path / "one", shakespeare))
+    two = prepare_data(_cfg(tmp_path / "two", shakespeare))
+    for split in ("train", "validation"):
+        assert load_blocks(one.path)[split][:].equal(load_blocks(two.path)[split][:])
+
+
+def test_every_token_lands_in_one_block_and_no_document_in_both_splits(tmp_path):
+    """Documents of distinct words: each token's block tells which document it came from."""
+    words = [f"w{i}" for i in range(3000)]
+    documents = [" ".join(words[i : i + 30]) for i in range(0, 3000, 30)]  # 100 documents, none shared
+    corpus = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in documents)
+    cfg = DataConfig(
+        source="file",
+        paths=[str(tmp_path / "*.jsonl.gz")],
+        seq_len=16,
+        vocab_size=3300,
+        validation_fraction=0.2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    prepared = prepare_data(cfg)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prepared.tokenizer_path)
+    blocks = load_blocks(prepared.path)
+    meta = json.loads((Path(prepared.path) / "meta.json").read_text())
+    for split in ("train", "validation"):
+        expected = [d for d in documents if is_validation(d, 0.2) == (split == "validation")]
+        stream = [
+            t for d in expected for t in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ]
+        packed = blocks[split][:].flatten().tolist()
+        shards = len(meta["shards"][split])
+        # One shard per split here (100 documents < one batch): all but the last partial block.
+        assert shards == 1 and packed == stream[: len(stream) // 16 * 16]
+    texts = {s: tokenizer.decode(blocks[s][:].flatten().tolist()) for s in ("train", "validation")}
+    for d in documents:
+        assert not (d.split()[5] in texts["train"].split() and d.split()[5] in texts["validation"].split())
 
 
 def test_seq_len_and_tokenizer_changes_miss(tmp_path, shakespeare):
     base = prepare_data(_cfg(tmp_path, shakespeare))
     other_len = prepare_data(_cfg(tmp_path, shakespeare, seq_len=32))
     assert not other_len.cache_hit and other_len.fingerprint != base.fingerprint
-    assert len(load_blocks(other_len.path)["train"][0]["input_ids"]) == 32
+    assert load_blocks(other_len.path)["train"][0].shape == (32,)
     other_vocab = prepare_data(_cfg(tmp_path, shakespeare, vocab_size=2048))
     assert not other_vocab.cache_hit and other_vocab.vocab_size == 2048
     # A saved tokenizer folder is a different tokenizer too (the hub/local path route).
@@ -44,8 +101,8 @@ def test_seq_len_and_tokenizer_changes_miss(tmp_path, shakespeare):
 def test_blocks_are_packed_token_ids(tmp_path, shakespeare):
     prepared = prepare_data(_cfg(tmp_path, shakespeare))
     blocks = load_blocks(prepared.path)
-    assert blocks["train"][0]["input_ids"].shape == (64,)
-    assert int(blocks["train"][:]["input_ids"].max()) < prepared.vocab_size
+    assert blocks["train"][0].shape == (64,) and len(blocks["train"]) == prepared.train_blocks
+    assert int(blocks["train"][:].max()) < prepared.vocab_size
 
 
 def test_worker_shards_are_disjoint_and_resumable():
@@ -71,38 +128,43 @@ def test_builtin_corpus_is_real_prose_from_cpython():
     assert "assert" in text and "The " in text
 
 
-def test_shared_storage_gets_one_complete_copy(tmp_path, shakespeare):
-    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare))
-    shared = data_module.share_data(prepared, str(tmp_path / "storage"))
-    assert shared.path.startswith(str(tmp_path / "storage" / "data")) and shared.fingerprint == prepared.fingerprint
-    assert len(load_blocks(shared.path)["train"]) == prepared.train_blocks
-    assert (Path(shared.tokenizer_path) / "tokenizer.json").is_file()
-    # A copy without its meta.json (an interrupted upload) is redone; a complete one is kept.
-    meta = Path(shared.path).parent / "meta.json"
-    meta.unlink()
-    (Path(shared.path) / "train" / "dataset_info.json").unlink()
-    data_module.share_data(prepared, str(tmp_path / "storage"))
-    assert meta.is_file() and (Path(shared.path) / "train" / "dataset_info.json").is_file()
-    mtime = meta.stat().st_mtime_ns
-    data_module.share_data(prepared, str(tmp_path / "storage"))
-    assert meta.stat().st_mtime_ns == mtime
+def test_prepared_into_the_storage_where_every_node_reads_it(tmp_path, shakespeare):
+    cfg = _cfg(tmp_path / "driver-cache", shakespeare)
+    prepared = prepare_data(cfg, str(tmp_path / "storage"))
+    assert prepared.path.startswith(str(tmp_path / "storage" / "data" / "blocks-"))
+    assert (Path(prepared.tokenizer_path) / "tokenizer.json").is_file()
+    assert cached_data(cfg, str(tmp_path / "storage")) == prepared.__class__(**{**prepared.__dict__, "cache_hit": True})
+    assert cached_data(cfg) is None, "nothing went to the driver's cache but the tokenizer"
 
 
-def test_object_storage_data_is_downloaded_once_per_node(tmp_path, shakespeare, monkeypatch):
+def test_object_storage_shards_are_downloaded_as_they_are_read(tmp_path, shakespeare, monkeypatch):
     import pyarrow.fs
 
+    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare, seq_len=8))
+    meta = json.loads((Path(prepared.path) / "meta.json").read_text())
     bucket = pyarrow.fs._MockFileSystem()  # pyarrow's in-memory filesystem, standing in for s3://
+    pyarrow.fs.copy_files(prepared.path, "bucket/data", pyarrow.fs.LocalFileSystem(), bucket)
     monkeypatch.setattr(
         data_module,
         "storage_filesystem",
         lambda uri: (bucket, uri.split("://", 1)[1]) if "://" in uri else (pyarrow.fs.LocalFileSystem(), uri),
     )
-    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare))
-    shared = data_module.share_data(prepared, "s3://bucket/sweeps")
-    assert shared.path == f"s3://bucket/sweeps/data/blocks-{prepared.fingerprint}/blocks"
     node_cache = tmp_path / "node-cache"
-    local = data_module.local_data(shared, str(node_cache))
-    assert Path(local.path).is_relative_to(node_cache)
-    assert load_blocks(local.path)["train"][:4]["input_ids"].equal(load_blocks(prepared.path)["train"][:4]["input_ids"])
-    bucket.delete_dir_contents("bucket")  # a second worker on the node reads its copy, not the bucket
-    assert data_module.local_data(shared, str(node_cache)).path == local.path
+    remote = load_blocks("s3://bucket/data", str(node_cache))["train"]
+    local = load_blocks(prepared.path)["train"]
+    assert len(meta["shards"]["train"]) >= 2, "the test needs a corpus of several shards"
+    assert remote[[0, 1, 2]].equal(local[[0, 1, 2]])
+    fetched = list(node_cache.rglob("*.npy"))
+    assert len(fetched) == 1, "only the shard that holds rows 0-2 was downloaded"
+    last = len(local) - 1
+    assert remote[last].equal(local[last]) and len(list(node_cache.rglob("*.npy"))) == 2
+    np.testing.assert_array_equal(np.load(fetched[0]), np.load(Path(prepared.path) / "train" / fetched[0].name))
+
+
+def test_data_prepared_here_before_is_copied_to_the_storage_not_prepared_again(tmp_path, shakespeare, monkeypatch):
+    cfg = _cfg(tmp_path / "cache", shakespeare)
+    local = prepare_data(cfg)
+    monkeypatch.setattr(data_module, "read_documents", lambda *a, **k: pytest.fail("prepared again"))
+    shared = prepare_data(cfg, str(tmp_path / "storage"))
+    assert shared.cache_hit and shared.path.startswith(str(tmp_path / "storage"))
+    assert load_blocks(shared.path)["train"][:].equal(load_blocks(local.path)["train"][:])

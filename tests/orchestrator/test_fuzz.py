@@ -47,6 +47,6 @@ def test_refused_in_one_line_naming_the_key(outcomes, case):
 @pytest.mark.parametrize("case", CORPUS["valid"], ids=lambda case: case["id"])
 def test_valid_edge_cases_are_accepted(outcomes, case):
     outcome = outcomes[case["id"]]
-    # A sweep stops at --dry-run; a trial gets as far as data preparation, which the runner refuses.
+    # A sweep stops at --dry-run; a trial gets as far as starting Ray, which the runner refuses.
     expected = 0 if case.get("cli") == "sweep" else "work started"
     assert outcome["exit"] == expected, outcome

@@ -196,3 +196,19 @@ def test_credentials_in_the_storage_uri_are_not_printed(make_trial):
     spec["search"] = {"params": {"relora.rank": {"grid": [2, 4]}}, "scheduler": {"type": "none"}}
     shown = describe(load_sweep(spec))
     assert "s3://***@bucket/sweeps" in shown and "SECRET" not in shown and "AKIA" not in shown
+
+
+def test_a_budget_larger_than_the_data_is_refused_before_any_work(make_trial, tmp_path, capsys):
+    """The data is cached (the session's fixture prepared it): the dry run knows both numbers."""
+    from orchestrator.sweep import main
+
+    spec = make_trial(train__total_steps=2000, run__storage_path=str(tmp_path / "runs"))
+    spec["search"] = {"params": {"relora.rank": {"grid": [2, 4]}}, "scheduler": {"type": "none"}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main([str(path), "--dry-run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("config error: train.total_steps: needs 2,048,000 training tokens"), line
+    assert "the prepared data holds" in line and "set data.epochs:" in line
+    assert main([str(path), "--dry-run", "--set", "data.epochs=100"]) == 0  # repetition asked for
+    assert "at most 100 passes over the data" in capsys.readouterr().out

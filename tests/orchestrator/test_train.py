@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -67,7 +68,7 @@ def events(history: list[dict], kind: str) -> list[dict]:
 
 def merged_val_loss(path: str, data, blocks: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    ids = load_blocks(data.path)["validation"][:blocks]["input_ids"]
+    ids = load_blocks(data.path)["validation"][:blocks]
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1]
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item()
@@ -166,3 +167,27 @@ def test_lost_worker_is_recovered_by_ray_train(zero2_run, local_ray, make_trial,
     assert error is None, error
     assert len(killed) == 1, "a worker was killed once"
     assert_same_run(read_history(result.checkpoint.path), reference)
+
+
+def test_a_file_trial_runs_after_its_source_file_is_gone(local_ray, make_trial, shakespeare, tmp_path):
+    """What a worker node without the driver's files sees (this test's nodes share one disk,
+    so the file is removed instead): the trial reads the prepared shards, never the source."""
+    import shutil
+
+    corpus = tmp_path / "corpus.txt"
+    shutil.copy(shakespeare, corpus)
+    trial = make_trial(
+        data__source="file",
+        data__paths=[str(corpus)],
+        data__cache_dir=str(tmp_path / "cache"),
+        relora__method="full",
+        train__total_steps=10,
+        train__eval_every=10,
+        train__checkpoint_every=10,
+        run__storage_path=str(tmp_path / "runs"),
+    )
+    cfg = config_from_dict(trial)
+    data = prepare_data(cfg.data, str(tmp_path / "storage"))
+    corpus.unlink()
+    result = make_trainer(cfg, data, name="source-gone").fit()
+    assert result.error is None and math.isfinite(result.metrics["final_val_ppl"])

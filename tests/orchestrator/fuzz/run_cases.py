@@ -1,6 +1,6 @@
 """Runs every case of cases.yaml through the CLIs' own `main`, in one process, and prints
-the outcomes as JSON. Ray cannot be imported here and data preparation raises: a case that
-gets past the checks shows up as a traceback or a "work started" outcome, never as a run.
+the outcomes as JSON. Ray cannot be imported here and starting it raises: a case that gets past
+the checks shows up as a traceback or a "work started" outcome, never as a run.
 
     python tests/orchestrator/fuzz/run_cases.py OUT_DIR
 """
@@ -32,7 +32,7 @@ class WorkStarted(Exception):
 
 
 def refuse_work(*args, **kwargs):
-    raise WorkStarted("data preparation started")
+    raise WorkStarted("Ray was about to start")
 
 
 def spec_file(case: dict, corpus: dict, out: Path) -> Path:
@@ -60,7 +60,7 @@ def run(case: dict, corpus: dict, out: Path) -> dict:
     path = spec_file(case, corpus, out)
     cli = sweep if case.get("cli") == "sweep" else train
     argv = [str(path), *case.get("args", [])]
-    if cli is sweep:
+    if cli is sweep and case.get("dry_run", True):
         argv.append("--dry-run")  # a valid sweep prints its plan and stops before Ray
     stderr, stdout = io.StringIO(), io.StringIO()
     outcome = {"id": case["id"]}
@@ -83,7 +83,7 @@ def main() -> int:
     sys.meta_path.insert(0, BlockRay())
     from orchestrator import sweep, train
 
-    train.prepare_data = sweep.prepare_data = refuse_work
+    train.init_ray = sweep.init_ray = refuse_work  # the first step of real work: Ray
     corpus = yaml.safe_load((HERE / "cases.yaml").read_text())
     results = [run(case, corpus, out) for case in corpus["cases"] + corpus["valid"]]
     print(json.dumps({"results": results, "ray_imported": "ray" in sys.modules}))
