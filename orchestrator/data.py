@@ -428,13 +428,15 @@ def _write_shards(cfg: DataConfig, documents, tokenizer_path: str, root: str, to
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.available_resources().get("CPU", 1)))),
     )
+    if cfg.source != "hub":
+        token_target = 0  # a file or the built-in corpus is prepared whole (its fingerprint says so)
     shards: dict[str, list] = {TRAIN: [], VALIDATION: []}
     train_tokens = 0
-    for row in written.iter_rows():
+    for row in written.iter_rows():  # per batch of documents: its train row, then its validation row
         if row["blocks"]:
             shards[str(row["split"])].append([str(row["shard"]), int(row["blocks"])])
         train_tokens += int(row["blocks"]) * cfg.seq_len if row["split"] == TRAIN else 0
-        if token_target and train_tokens >= token_target:
+        if token_target and train_tokens >= token_target and row["split"] == VALIDATION:
             break
     return shards
 

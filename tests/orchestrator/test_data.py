@@ -168,3 +168,10 @@ def test_data_prepared_here_before_is_copied_to_the_storage_not_prepared_again(t
     shared = prepare_data(cfg, str(tmp_path / "storage"))
     assert shared.cache_hit and shared.path.startswith(str(tmp_path / "storage"))
     assert load_blocks(shared.path)["train"][:].equal(load_blocks(local.path)["train"][:])
+
+
+def test_a_token_target_leaves_file_sources_whole(tmp_path, shakespeare):
+    """The budget stops only a hub stream: a file source is prepared whole, both splits."""
+    whole = prepare_data(_cfg(tmp_path / "a", shakespeare))
+    targeted = prepare_data(_cfg(tmp_path / "b", shakespeare), token_target=64 * 10)
+    assert targeted.train_blocks == whole.train_blocks and targeted.validation_blocks == whole.validation_blocks
