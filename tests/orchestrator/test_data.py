@@ -140,7 +140,12 @@ def test_prepared_into_the_storage_where_every_node_reads_it(tmp_path, shakespea
 def test_object_storage_shards_are_downloaded_as_they_are_read(tmp_path, shakespeare, monkeypatch):
     import pyarrow.fs
 
-    prepared = prepare_data(_cfg(tmp_path / "cache", shakespeare, seq_len=8))
+    # One document per line: more than SHARD_DOCUMENTS documents, so several shards, on either corpus.
+    lines = [line for line in shakespeare.read_text().splitlines() if line.strip()]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n\n".join(lines))
+    assert len(lines) > 2 * data_module.SHARD_DOCUMENTS
+    prepared = prepare_data(_cfg(tmp_path / "cache", corpus, seq_len=8))
     meta = json.loads((Path(prepared.path) / "meta.json").read_text())
     bucket = pyarrow.fs._MockFileSystem()  # pyarrow's in-memory filesystem, standing in for s3://
     pyarrow.fs.copy_files(prepared.path, "bucket/data", pyarrow.fs.LocalFileSystem(), bucket)
