@@ -9,6 +9,7 @@ never stop a trial.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
@@ -29,6 +30,13 @@ TRIAL_ID_TAG = "tune_trial_id"
 SWEEP_TAG = "relora_sweep"
 
 
+def curve_row(report: dict) -> dict[str, float]:
+    """The MLflow metrics in one report (a Tune result or a history row), keyed as MLflow names them."""
+    row = {k: float(report[k]) for k in CURVE_METRICS if isinstance(report.get(k), (int, float))}
+    row.update({k: float(v) for k, v in report.items() if k.startswith("update_rank/") and isinstance(v, int)})
+    return {k.replace("/", "."): v for k, v in row.items() if math.isfinite(v)}
+
+
 def params_of(config: dict) -> list[mlflow.entities.Param]:
     """A resolved config as MLflow params: dotted keys, values cut to MLflow's limit, credentials blanked."""
     return [mlflow.entities.Param(key, redact(value)[:6000]) for key, value in flatten(config).items()]
@@ -41,6 +49,10 @@ def is_transient(error: Exception) -> bool:
         status = error.get_http_status_code()
         return not (400 <= status < 500) or status == 429
     return True
+
+
+def read_history(path: str) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 class SweepTracker:
@@ -112,7 +124,9 @@ class MlflowTuneCallback(Callback):
         self.warm_start_of = warm_start_of or (lambda trial: None)  # trial -> shared warm-start key
         self.metric, self.mode = metric, mode
         self.run_ids: dict[str, str] = {}
-        self.logged_until: dict[str, int] = {}  # a resumed trial re-reports steps its run already has
+        # trial -> MLflow key -> the steps its run holds: a resumed trial re-reports steps its run
+        # may already have, and a killed driver may have lost reports its run never got.
+        self.logged: dict[str, dict[str, set[int]]] = {}
         self.curves: dict[str, list[dict]] = {}
         self.last: dict[str, dict] = {}
         self.pending: list[tuple] = []  # MLflow calls that failed, retried later
@@ -158,9 +172,11 @@ class MlflowTuneCallback(Callback):
                 log.warning("MLflow unreachable (%s); trial %s is logged later", error, trial.trial_id)
                 return None
             run_id = self.run_ids[trial.trial_id]
-            history = self.client.get_metric_history(run_id, "train_loss")
-            self.logged_until[trial.trial_id] = max((m.step for m in history), default=-1)
-            tags = self.client.get_run(run_id).data.tags  # a resumed sweep keeps what the run knew
+            run = self.client.get_run(run_id)  # a resumed sweep keeps what the run knew
+            self.logged[trial.trial_id] = {
+                key: {m.step for m in self.client.get_metric_history(run_id, key)} for key in run.data.metrics
+            }
+            tags = run.data.tags
             self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
             self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
             config = self.trial_configs(trial)
@@ -181,16 +197,10 @@ class MlflowTuneCallback(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         run_id = self._run_id(trial)
         step = int(result.get("step", 0))
-        row = {k: float(result[k]) for k in CURVE_METRICS if isinstance(result.get(k), (int, float))}
-        row.update({k: float(v) for k, v in result.items() if k.startswith("update_rank/") and isinstance(v, int)})
-        self.curves.setdefault(trial.trial_id, []).append({"step": step, **row})
+        self.curves.setdefault(trial.trial_id, []).append({"step": step, **curve_row(result)})
         self.last[trial.trial_id] = result
-        if run_id and row and step > self.logged_until.get(trial.trial_id, -1):
-            now = int(time.time() * 1000)
-            metrics = [
-                mlflow.entities.Metric(k.replace("/", "."), v, now, step) for k, v in row.items() if math.isfinite(v)
-            ]
-            self._call("log_batch", run_id, metrics=metrics)
+        if run_id:
+            self._log_curves(trial, run_id, [result])
         if result.get("event") == "restart" and run_id:
             self._call("set_tag", run_id, "merges", str(result.get("restarts")))
         if result.get("nodes") and run_id:
@@ -201,6 +211,8 @@ class MlflowTuneCallback(Callback):
             # Train's FailureConfig), a retried trial, or a resumed sweep.
             steps = self.resumes.setdefault(trial.trial_id, [])
             steps.append(int(result["from_step"]))
+            if result.get("resumed_from"):  # what was reported before the checkpoint, all of it
+                self._log_curves(trial, run_id, self._history(result["resumed_from"]))
             self._call("set_tag", run_id, "resumes", str(len(steps)))
             self._call("set_tag", run_id, "resumed_at_steps", ",".join(map(str, steps)))
 
@@ -223,6 +235,7 @@ class MlflowTuneCallback(Callback):
             return
         if checkpoint:
             checkpoint = self._local(checkpoint)
+            self._log_curves(trial, run_id, read_history(f"{checkpoint}/history.jsonl"))
             self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
             self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
         self._call("set_tag", run_id, "status", status)
@@ -231,6 +244,34 @@ class MlflowTuneCallback(Callback):
         if math.isfinite(best):
             self._call("log_metric", run_id, f"best_{self.metric}", best)
         self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
+
+    def _log_curves(self, trial, run_id: str, reports: list[dict]) -> None:
+        """Log each (metric, step) of ``reports`` that the trial's run does not hold yet."""
+        logged = self.logged.setdefault(trial.trial_id, {})
+        now = int(time.time() * 1000)
+        metrics = []
+        for report in reports:
+            step = int(report.get("step", 0))
+            for key, value in curve_row(report).items():
+                if step not in logged.setdefault(key, set()):
+                    logged[key].add(step)
+                    metrics.append(mlflow.entities.Metric(key, value, now, step))
+        for i in range(0, len(metrics), 1000):  # MLflow's log_batch limit
+            self._call("log_batch", run_id, metrics=metrics[i : i + 1000])
+
+    def _history(self, checkpoint: str) -> list[dict]:
+        """The reports kept in a checkpoint (on local disk or object storage); none if unreadable."""
+        import pyarrow.fs
+
+        try:
+            if "://" in self.storage and not Path(checkpoint).exists():
+                fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
+                with fs.open_input_stream(f"{checkpoint}/history.jsonl") as stream:
+                    return [json.loads(line) for line in stream.read().decode().splitlines()]
+            return read_history(f"{checkpoint}/history.jsonl")
+        except (OSError, ValueError) as error:
+            log.warning("could not read the history of %s (%s); its curves may have gaps", checkpoint, error)
+            return []
 
     def _local(self, checkpoint: str) -> str:
         """A local folder holding ``checkpoint``: itself, or a download from object storage."""

@@ -23,6 +23,10 @@ from orchestrator.data import PreparedData, prepare_data
 log = logging.getLogger("orchestrator.train")
 
 
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_INTERVAL_S = "0.25"
+
+
 def init_ray(address: str | None, cfg: TrialConfig) -> None:
     """Join a cluster, or start a local Ray sized for this trial.
 
@@ -92,6 +96,11 @@ def make_trainer(
 
     from orchestrator.worker import train_loop_per_worker
 
+    # Ray Train's controller takes a worker's report only when it polls, every 2 s by default, and a
+    # worker's next report waits until the last one is taken: a trial that reports more often than
+    # that stalls on each report (a 70-step test trial: 34 s of steps became 9 s). Poll faster unless
+    # the user chose a value; Ray hands the variable on to the controller and the workers.
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_INTERVAL_S)
     use_gpu = cfg.scaling.use_gpu
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

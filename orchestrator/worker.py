@@ -88,6 +88,7 @@ class Worker:
         self.first_step_at: float | None = None
         self.train_seconds = 0.0
         self.start_weights: dict[str, torch.Tensor] | None = None
+        self.last_step_metrics: dict | None = None  # held back for the final report
 
     # --- engine ----------------------------------------------------------------------
 
@@ -334,6 +335,11 @@ class Worker:
         metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
         if self.step % c.train.eval_every == 0 or self.step == end:
             metrics.update(self.evaluate())
+        if self.step == c.train.total_steps and not event:
+            # The last step's metrics go out with the end of the run, in one report: a scheduler
+            # that stops the trial at this report cannot cut it off before its merged checkpoint.
+            self.last_step_metrics = metrics
+            return True
         # A checkpoint rides on a report: a checkpoint step reports even between log steps.
         save = self.step % c.train.checkpoint_every == 0 and self.step < end
         if save or event or "val_loss" in metrics or self.step % c.train.log_every == 0:
@@ -360,7 +366,8 @@ class Worker:
 
     def finish(self) -> None:
         """The merged checkpoint: adapters folded in, a plain HF model plus its tokenizer."""
-        final = self.history[-1]
+        last = self.last_step_metrics or {}
+        final = last or self.history[-1]
         self.release_engine()
         model = relora.unwrap(self.model).to(torch.float32)
 
@@ -371,6 +378,7 @@ class Worker:
             AutoTokenizer.from_pretrained(self.data.tokenizer_path).save_pretrained(path)
 
         summary = {
+            **last,
             "event": "done",
             "final_val_loss": final.get("val_loss"),
             "final_val_ppl": final.get("val_ppl"),
@@ -391,11 +399,14 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: TrialConfig = config["trial"]
     data = local_data(PreparedData(**config["data"]), cfg.data.cache_dir)
 
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
     checkpoint = ray.train.get_checkpoint()
+
+    def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        if metrics.get("event") == "resume":  # where the driver finds what was reported before
+            metrics = {**metrics, "resumed_from": checkpoint.path}
+        saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=saved)
+
     worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id())
     options = {"stop_at": config.get("stop_at")}
     if checkpoint is not None:

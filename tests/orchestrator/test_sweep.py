@@ -3,6 +3,9 @@ through a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,16 +15,18 @@ import yaml
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-RANKS = [2, 4, 8, 16]  # one shared warm start per LR
-# ASHA only compares trials with each other: a far lower LR makes a certainly worse trial, which
-# it stops at its first rung whichever of the pair gets there first.
+# One shared warm start per LR. ASHA only compares trials with each other: a far lower LR makes a
+# certainly worse trial, which it stops at its first rung whichever of the pair gets there first.
 LRS = [0.003, 0.00003]
+RANKS = [4, 8]
 
 
-def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
-    spec = make_trial(train__total_steps=60, train__checkpoint_every=20, run__name="e2e", run__max_failures=1)
+def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
+    """The sweep end to end, killed mid-run (driver and its local Ray) and run again: each trial
+    keeps its one MLflow run and continues from its checkpoint, and the record is whole."""
+    spec = make_trial(train__total_steps=60, train__checkpoint_every=10, run__name="e2e", run__max_failures=1)
     spec["search"] = {
-        "params": {"optim.lr": {"grid": LRS}, "relora.rank": {"grid": [4, 8]}},
+        "params": {"optim.lr": {"grid": LRS}, "relora.rank": {"grid": RANKS}},
         "metric": "val_ppl",
         "mode": "min",
         "scheduler": {"type": "asha", "grace_period": 30, "reduction_factor": 2},
@@ -30,25 +35,42 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.sweep", str(path), "--tracking-uri", mlflow_server],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=1500,
+    command = [sys.executable, "-m", "orchestrator.sweep", str(path), "--tracking-uri", mlflow_server]
+    client = MlflowClient(mlflow_server)
+
+    def runs():
+        experiment = client.get_experiment_by_name("e2e")
+        return client.search_runs([experiment.experiment_id]) if experiment else []
+
+    def mid_run(child) -> bool:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
+        return child.data.tags.get("status") == "running" and bool(steps) and 40 <= steps[-1] < 60
+
+    # Kill the whole sweep while a trial is past its step-40 checkpoint.
+    first = subprocess.Popen(
+        command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    deadline = time.time() + 900
+    while not any(mid_run(r) for r in runs() if "tune_trial_id" in r.data.tags):
+        assert first.poll() is None and time.time() < deadline, "no trial got past step 40"
+        time.sleep(1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = {r.data.tags["tune_trial_id"] for r in runs() if r.data.tags.get("status") == "completed"}
+    assert len(done_before) < len(LRS) * len(RANKS)
+    time.sleep(5)
+
+    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    assert "resuming the sweep" in out.stdout and "reused from" in out.stdout  # the warm starts too
     assert "best val_ppl" in out.stdout and "open the results" in out.stdout
 
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("e2e")
-    runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
-    assert len(parents) == 1
+    parents = [r for r in runs() if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1, "the resumed sweep keeps its parent run"
     parent = parents[0]
-    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    nested = [r for r in runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     children = [r for r in nested if "tune_trial_id" in r.data.tags]
-    assert len(children) == 4
+    assert len(children) == len(LRS) * len(RANKS), "each trial keeps its one MLflow run"
 
     # One full-rank warm start per LR, each with a run of its own, shared by the two ranks.
     warm = [r for r in nested if r.data.tags.get("sweep_role") == "warm_start"]
@@ -56,17 +78,18 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     for run in warm:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [0, 10, 20]
         sharing = [c for c in children if c.data.tags.get("warm_start_key") == run.data.tags["warm_start_key"]]
-        assert sorted(int(c.data.params["relora.rank"]) for c in sharing) == [4, 8]
+        assert sorted(int(c.data.params["relora.rank"]) for c in sharing) == RANKS
         assert {c.data.params["optim.lr"] for c in sharing} == {run.data.params["optim.lr"]}
 
     # Params: the trial's full resolved config.
     assert sorted((float(c.data.params["optim.lr"]), int(c.data.params["relora.rank"])) for c in children) == [
-        (lr, rank) for lr in sorted(LRS) for rank in (4, 8)
+        (lr, rank) for lr in sorted(LRS) for rank in RANKS
     ]
     for child in children:
         assert child.data.params["deepspeed.zero_stage"] == "2" and child.data.params["train.total_steps"] == "60"
 
-    # val_ppl: one point per eval step, from the end of the shared warm start for as long as the trial ran.
+    # val_ppl: one point per eval step, from the end of the shared warm start for as long as the
+    # trial ran; none logged twice, across the kill.
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
         assert steps == list(range(20, steps[-1] + 1, 10)), steps
@@ -74,11 +97,25 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
             assert steps[-1] == 60
 
     statuses = {c.data.tags["status"] for c in children}
-    assert "early-stopped" in statuses and "completed" in statuses
+    assert statuses == {"early-stopped", "completed"}
     for child in children:
         if child.data.tags["status"] == "early-stopped":
             assert "stopped by ASHA" in child.data.tags["stop_reason"]
             assert client.get_metric_history(child.info.run_id, "val_ppl")[-1].step < 60
+
+    # Unfinished trials continued from their checkpoints rather than starting over.
+    resumed = 0
+    for child in children:
+        if child.data.tags["tune_trial_id"] in done_before or child.data.tags["status"] != "completed":
+            continue
+        local = mlflow.artifacts.download_artifacts(
+            run_id=child.info.run_id,
+            artifact_path="history.jsonl",
+            dst_path=str(tmp_path / "history" / child.info.run_id),
+            tracking_uri=mlflow_server,
+        )
+        resumed += "resume" in [json.loads(line).get("event") for line in open(local)]
+    assert resumed >= 1
 
     # Every completed trial has a merged checkpoint that downloads and loads.
     completed = [c for c in children if c.data.tags["status"] == "completed"]
@@ -102,73 +139,6 @@ def test_sweep_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path
     assert len(versions) == 1
     best = min(completed, key=lambda c: c.data.metrics["best_val_ppl"])
     assert versions[0].run_id == best.info.run_id
-
-
-def test_interrupted_sweep_resumes_without_duplicates(make_trial, mlflow_server, tmp_path):
-    import json
-    import os
-    import signal
-
-    spec = make_trial(train__total_steps=60, train__checkpoint_every=10, run__name="resumed", run__max_failures=1)
-    spec["search"] = {
-        "params": {"relora.rank": {"grid": RANKS}},
-        "scheduler": {"type": "none"},
-        "max_concurrent_trials": 2,
-        "resources": {"num_workers": 2},
-    }
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    command = [sys.executable, "-m", "orchestrator.sweep", str(path), "--tracking-uri", mlflow_server]
-    client = MlflowClient(mlflow_server)
-
-    def children():
-        experiment = client.get_experiment_by_name("resumed")
-        if experiment is None:
-            return []
-        return [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
-
-    def mid_run(child) -> bool:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_ppl")]
-        return child.data.tags.get("status") == "running" and bool(steps) and 40 <= steps[-1] < 60
-
-    # Kill the whole sweep (driver and its local Ray) while a trial is past a checkpoint.
-    first = subprocess.Popen(
-        command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 900
-    while not any(mid_run(c) for c in children()):
-        assert first.poll() is None and time.time() < deadline, "no trial got past step 40"
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    done_before = {c.data.tags["tune_trial_id"] for c in children() if c.data.tags.get("status") == "completed"}
-    assert len(done_before) < len(RANKS)
-    time.sleep(5)
-
-    out = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    assert "resuming the sweep" in out.stdout and "reused from" in out.stdout  # the warm start too
-
-    runs = children()
-    assert len(runs) == len(RANKS), "each trial keeps its one MLflow run"
-    assert {r.data.tags["status"] for r in runs} == {"completed"}
-    for run in runs:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
-        assert steps == sorted(set(steps)), f"no step is logged twice: {steps}"
-    # Unfinished trials continued from their checkpoints rather than starting over.
-    resumed = 0
-    for run in runs:
-        if run.data.tags["tune_trial_id"] in done_before:
-            continue
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id,
-            artifact_path="history.jsonl",
-            dst_path=str(tmp_path / run.info.run_id),
-            tracking_uri=mlflow_server,
-        )
-        events = [json.loads(line).get("event") for line in open(local)]
-        resumed += "resume" in events
-    assert resumed >= 1
 
 
 def test_a_changed_sweep_is_not_resumed_silently(make_trial, tmp_path, capsys):

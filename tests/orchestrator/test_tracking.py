@@ -73,3 +73,35 @@ def test_checkpoint_downloads_are_deleted_once_the_calls_that_read_them_ran(tmp_
     tracker.client.log_batch = real_log_batch
     callback.flush()
     assert not callback.pending and not download.exists() and not callback.downloads
+
+
+def test_reports_a_killed_driver_never_logged_are_recovered_from_the_checkpoint(tmp_path):
+    """The sweep driver was killed after the trial's step-20 checkpoint but before its reports of
+    steps 15-20 reached MLflow. The resumed trial starts after 20 and never reports them again:
+    the callback logs them from the checkpoint's history, and logs nothing twice."""
+    import json
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
+    history = [
+        {"step": s, "train_loss": 9.0 - s / 10, **({"val_ppl": 99.0 - s} if s % 10 == 0 else {})}
+        for s in (5, 10, 15, 20)
+    ]
+    checkpoint = tmp_path / "checkpoint_000002"
+    checkpoint.mkdir()
+    (checkpoint / "history.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+
+    first = MlflowTuneCallback(tracker, lambda trial: {}, metric="val_ppl", mode="min", storage=str(tmp_path))
+    trial = SimpleNamespace(trial_id="t1", error_msg="")
+    for row in history[:2]:  # what the first driver logged before it died
+        first.on_trial_result(0, [], trial, row)
+
+    resumed = MlflowTuneCallback(tracker, lambda trial: {}, metric="val_ppl", mode="min", storage=str(tmp_path))
+    resumed.on_trial_start(0, [], trial)
+    resumed.on_trial_result(
+        0, [], trial, {"step": 20, "event": "resume", "from_step": 20, "resumed_from": str(checkpoint)}
+    )
+    resumed.on_trial_result(0, [], trial, {"step": 20, "val_ppl": 79.0})  # a repeated report: not logged again
+    resumed.on_trial_result(0, [], trial, {"step": 25, "train_loss": 6.0})
+    run_id = resumed.run_ids["t1"]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "train_loss")] == [5, 10, 15, 20, 25]
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [(10, 89.0), (20, 79.0)]

@@ -191,3 +191,24 @@ def test_a_file_trial_runs_after_its_source_file_is_gone(local_ray, make_trial, 
     corpus.unlink()
     result = make_trainer(cfg, data, name="source-gone").fit()
     assert result.error is None and math.isfinite(result.metrics["final_val_ppl"])
+
+
+def test_reports_are_taken_without_stalling_unless_the_user_tuned_it(make_trial, monkeypatch):
+    """Ray Train's default 2 s poll made every report wait up to 2 s: make_trainer shortens it,
+    and leaves a value the user set alone. Ray hands the variable on to its controller."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR, get_env_vars_to_propagate
+
+    from orchestrator.data import PreparedData
+    from orchestrator.train import REPORT_POLL_ENV
+
+    assert REPORT_POLL_ENV == HEALTH_CHECK_INTERVAL_S_ENV_VAR
+    cfg = config_from_dict(make_trial(scaling__use_gpu=False))
+    data = PreparedData(
+        "unused", "unused", "0", vocab_size=8, seq_len=64, train_blocks=1, validation_blocks=1, cache_hit=True
+    )
+    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
+    make_trainer(cfg, data)
+    assert float(get_env_vars_to_propagate()[REPORT_POLL_ENV]) <= 0.5
+    monkeypatch.setenv(REPORT_POLL_ENV, "3")
+    make_trainer(cfg, data)
+    assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "3"
