@@ -67,14 +67,20 @@ else:
     from orchestrator.data import prepare_data
     prepared = prepare_data(cfg)
 seconds = time.perf_counter() - started
-nodes = []
+nodes, detail = [], {}
 if mode == "ray" and address:
-    from ray.util.state import list_actors
-    actors = list_actors(limit=10000)  # finished ones too: they keep their node
-    nodes = sorted({a.node_id for a in actors if "ShardWriter" in a.class_name})
+    from ray.util.state import list_actors, list_tasks
+    # Finished ones too: they keep their node. Read tasks and the ShardWriter actors.
+    actors = [a.node_id for a in list_actors(limit=10000) if "ShardWriter" in a.class_name]
+    tasks = [t.node_id for t in list_tasks(limit=10000) if "Read" in t.name or "ShardWriter" in t.name]
+    nodes = sorted(set(actors) | set(tasks))
+    detail = {"writer_nodes": len(set(actors)), "read_task_nodes": len(set(tasks))}
+else:
+    detail = {}
 print(json.dumps({"seconds": seconds, "train_blocks": prepared.train_blocks,
                   "validation_blocks": prepared.validation_blocks,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "nodes": nodes}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "nodes": nodes,
+                  **detail}))
 """
 
 
@@ -104,7 +110,8 @@ def two_node_cluster(work: Path) -> tuple[str, list]:
         "--head",
         "--port=6390",
         "--num-cpus=1",
-        "--include-dashboard=false",
+        "--include-dashboard=true",  # the state API, to list where the tasks ran
+        "--dashboard-port=8275",
         f"--temp-dir={work}/ray-head",
         "--disable-usage-stats",
     ]

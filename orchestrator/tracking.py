@@ -51,10 +51,6 @@ def is_transient(error: Exception) -> bool:
     return True
 
 
-def read_history(path: str) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 class SweepTracker:
     """The parent run of a sweep, found again by name on resume (no duplicates)."""
 
@@ -234,8 +230,10 @@ class MlflowTuneCallback(Callback):
         if run_id is None:
             return
         if checkpoint:
+            from orchestrator.worker import read_history_file
+
             checkpoint = self._local(checkpoint)
-            self._log_curves(trial, run_id, read_history(f"{checkpoint}/history.jsonl"))
+            self._log_curves(trial, run_id, read_history_file(checkpoint))
             self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
             self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
         self._call("set_tag", run_id, "status", status)
@@ -263,12 +261,14 @@ class MlflowTuneCallback(Callback):
         """The reports kept in a checkpoint (on local disk or object storage); none if unreadable."""
         import pyarrow.fs
 
+        from orchestrator.worker import HISTORY, read_history_file
+
         try:
             if "://" in self.storage and not Path(checkpoint).exists():
                 fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
-                with fs.open_input_stream(f"{checkpoint}/history.jsonl") as stream:
+                with fs.open_input_stream(f"{checkpoint}/{HISTORY}") as stream:
                     return [json.loads(line) for line in stream.read().decode().splitlines()]
-            return read_history(f"{checkpoint}/history.jsonl")
+            return read_history_file(checkpoint)
         except (OSError, ValueError) as error:
             log.warning("could not read the history of %s (%s); its curves may have gaps", checkpoint, error)
             return []

@@ -1,0 +1,78 @@
+"""What one `ray.train.report` costs a worker, at Ray's default controller poll and at ours.
+
+    python benchmarks/report_latency.py [--reports 20] [--intervals default 0.5 0.25 0.1]
+
+Ray Train's controller takes a worker's report only when it polls its workers
+(`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`, 2 s by default), and a worker holds one untaken report
+at a time: a worker that reports faster than the poll waits for it at every report. Each
+interval runs in a fresh process (Ray hands the variable from the driver to the controller
+when the trainer starts): a local Ray, a TorchTrainer of 2 CPU workers that do nothing but
+report, and rank 0's mean seconds per report. `orchestrator.train.make_trainer` sets 0.25 s
+unless the variable is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+DRIVER = """
+import json, sys, tempfile, time
+import ray, ray.train
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+reports = int(sys.argv[1])
+
+def loop(config):
+    started = time.perf_counter()
+    for i in range(reports):
+        ray.train.report({"i": i})
+    if ray.train.get_context().get_world_rank() == 0:
+        ray.train.report({"seconds_per_report": (time.perf_counter() - started) / reports})
+
+ray.init(num_cpus=3, include_dashboard=False)
+result = TorchTrainer(
+    loop, scaling_config=ScalingConfig(num_workers=2), run_config=RunConfig(storage_path=tempfile.mkdtemp())
+).fit()
+print(json.dumps({"seconds_per_report": result.metrics["seconds_per_report"]}))
+"""
+
+
+def measure(interval: str, reports: int) -> float:
+    env = dict(os.environ)
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    if interval != "default":
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = interval
+    out = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(reports)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+        timeout=600,
+    )
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_report"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reports", type=int, default=20)
+    parser.add_argument("--intervals", nargs="+", default=["default", "0.5", "0.25", "0.1"])
+    args = parser.parse_args()
+    print("| controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) | seconds per report |")
+    print("| --- | ---: |")
+    for interval in args.intervals:
+        shown = "Ray's default (2 s)" if interval == "default" else f"{interval} s"
+        print(f"| {shown} | {measure(interval, args.reports):.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
