@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ if mode == "ray" and address:
     # Finished ones too: they keep their node. Read tasks and the ShardWriter actors.
     actors = [a.node_id for a in list_actors(limit=10000) if "ShardWriter" in a.class_name]
     tasks = [t.node_id for t in list_tasks(limit=10000) if "Read" in t.name or "ShardWriter" in t.name]
+    actors, tasks = [n for n in actors if n], [n for n in tasks if n]  # None: never scheduled
     nodes = sorted(set(actors) | set(tasks))
     detail = {"writer_nodes": len(set(actors)), "read_task_nodes": len(set(tasks))}
 else:
@@ -92,7 +94,7 @@ def run_driver(mode: str, paths: list[str], work: Path, address: str = "") -> di
         cwd=env_path,
         capture_output=True,
         text=True,
-        env={**__import__("os").environ, "PYTHONPATH": f"{env_path}:{ROOT}"},
+        env={**os.environ, "PYTHONPATH": f"{env_path}:{ROOT}"},
     )
     if out.returncode:
         raise RuntimeError(out.stderr[-4000:])
@@ -115,12 +117,11 @@ def two_node_cluster(work: Path) -> tuple[str, list]:
         f"--temp-dir={work}/ray-head",
         "--disable-usage-stats",
     ]
+    # As the cluster tests: no token auth between nodes on one machine, a temp dir per node.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     subprocess.run(head, check=True, capture_output=True)
-    subprocess.run(
-        ["ray", "start", "--address=127.0.0.1:6390", "--num-cpus=2", "--disable-usage-stats"],
-        check=True,
-        capture_output=True,
-    )
+    worker = ["ray", "start", "--address=127.0.0.1:6390", "--num-cpus=2", "--disable-usage-stats"]
+    subprocess.run([*worker, f"--temp-dir={work}/ray-worker"], check=True, capture_output=True)
     return "127.0.0.1:6390", [["ray", "stop", "--force"]]
 
 
