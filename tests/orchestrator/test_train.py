@@ -104,6 +104,11 @@ def check_recipe(cfg, data, result, error, killed=()):
     # The restarts took the update past the adapter rank.
     assert restarts[-1]["update_rank_max"] > cfg.relora.rank
 
+    # The last step's metrics ride on the done report and nowhere else: a scheduler that stops
+    # the trial at its last report cannot cut it off before the merged checkpoint.
+    last_step = [h for h in history if h["step"] == cfg.train.total_steps and "train_loss" in h]
+    assert last_step == [done] and done["val_ppl"] == done["final_val_ppl"]
+
     # Validation perplexity fell well below where it started (to under a quarter: about 1/5
     # on tinyshakespeare, 1/4.8 on the built-in corpus, ~1 for a model that learns nothing).
     assert done["final_val_ppl"] < 0.25 * start["val_ppl"]
