@@ -61,10 +61,18 @@ def batches(args, rank: int, device: torch.device):
         yield torch.randint(0, args.vocab, (args.micro_batch, args.seq_len), generator=generator).to(device)
 
 
+def make_optimizer(args, model: torch.nn.Module):
+    """The trials' AdamW and jagged cosine (relora.make_optimizer), restarting where the timing restarts."""
+    schedule = relora.ReLoRAConfig(
+        rank=args.rank, alpha=2 * args.rank, restart_every=args.restart_every, restart_warmup_steps=1
+    )
+    return relora.make_optimizer(model, schedule, lr=1e-4, total_steps=10**6, warmup_steps=1)
+
+
 def run_plain(args, method: str, out: Path) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(args, method, device)
-    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=1e-4)
+    optimizer, scheduler = make_optimizer(args, model)
     data = batches(args, 0, device)
 
     def step() -> None:
@@ -72,6 +80,7 @@ def run_plain(args, method: str, out: Path) -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
 
     def restart() -> None:
         relora.restart(model, optimizer, reset_ratio=0.99)
@@ -103,8 +112,10 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
         "bf16": {"enabled": args.bf16},
         "steps_per_print": 10**9,
     }
-    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=1e-4)
-    engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    optimizer, scheduler = make_optimizer(args, model)
+    engine, zero_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+    )
     data = batches(args, rank, device)
 
     def step() -> None:

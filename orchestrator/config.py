@@ -104,10 +104,10 @@ class DataConfig:
     vocab_size: Annotated[int, Field(gt=0, le=1_000_000)] = 4096  # for tokenizer: bpe
     seq_len: Annotated[int, Field(gt=0, le=131_072)] = 128  # tokens per packed block
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.05  # of the documents, held out before packing
-    cache_dir: Text = "~/.cache/relora-sweeps/data"
+    cache_dir: Text = "~/.cache/relora-sweeps/data"  # on a cluster: a shared path
     # Passes over the prepared training tokens a run may make. The paper trains on each token
     # once: a run that would need more is refused, unless this says to repeat them.
-    epochs: Annotated[float, Field(gt=0, le=1000)] = 1.0  # on a cluster: a shared path
+    epochs: Annotated[float, Field(gt=0, le=1000)] = 1.0
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,16 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError("data.vocab_size", f"must be at least 300 for a byte-level BPE, got {d.vocab_size}")
 
 
+def _check_target_modules(cfg: TrialConfig) -> None:
+    for i, module in enumerate(cfg.relora.target_modules):
+        if module not in relora.LLAMA_TARGET_MODULES:  # every model of relora.MODEL_SHAPES is a LLaMA
+            raise ConfigError(
+                f"relora.target_modules[{i}]",
+                f"matches no linear layer of {cfg.model.name}, got {shown(module)}; "
+                f"choose from {list(relora.LLAMA_TARGET_MODULES)}",
+            )
+
+
 def _check_relations(cfg: TrialConfig) -> None:
     """What no single key's type can say; raises `ConfigError` naming the key to change."""
     t, r, d = cfg.train, cfg.relora, cfg.data
@@ -237,19 +247,16 @@ def _check_relations(cfg: TrialConfig) -> None:
             "relora.warm_start_steps", f"must be < train.total_steps = {t.total_steps}, got {r.warm_start_steps}"
         )
     if cfg.optim.warmup_steps >= t.total_steps:
-        raise ConfigError("optim.warmup_steps", f"must lie in [0, train.total_steps = {t.total_steps})")
+        raise ConfigError(
+            "optim.warmup_steps",
+            f"must lie in [0, train.total_steps = {t.total_steps}), got {cfg.optim.warmup_steps}",
+        )
     if cfg.model.name not in relora.MODEL_SHAPES:
         raise ConfigError(
             "model.name", f"unknown model {cfg.model.name!r}; choose one of {sorted(relora.MODEL_SHAPES)}"
         )
     _check_data(d)
-    for i, module in enumerate(r.target_modules):
-        if module not in relora.LLAMA_TARGET_MODULES:  # every model of relora.MODEL_SHAPES is a LLaMA
-            raise ConfigError(
-                f"relora.target_modules[{i}]",
-                f"matches no linear layer of {cfg.model.name}, got {shown(module)}; "
-                f"choose from {list(relora.LLAMA_TARGET_MODULES)}",
-            )
+    _check_target_modules(cfg)
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage",

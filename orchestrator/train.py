@@ -91,7 +91,6 @@ def make_trainer(
     ``warm_start`` (a checkpoint holding `warm_start/`) starts the run at the switch to
     low rank; ``stop_at`` ends it early, to make such a warm start."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.worker import train_loop_per_worker
@@ -105,7 +104,6 @@ def make_trainer(
     if use_gpu == "auto":
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
-    storage = storage_uri(storage_path or cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -115,14 +113,21 @@ def make_trainer(
             "stop_at": stop_at,
         },
         scaling_config=scaling_config(cfg, use_gpu),
-        run_config=RunConfig(
-            name=name or cfg.run.name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            worker_runtime_env={"env_vars": env},
-            callbacks=callbacks or [],
-        ),
+        run_config=run_config(cfg, name, storage_path, env, callbacks),
+    )
+
+
+def run_config(cfg: TrialConfig, name: str | None, storage_path: str | None, env: dict, callbacks: list | None):
+    """Where the run writes, how many checkpoints it keeps and how often Ray Train retries it."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(
+        name=name or cfg.run.name,
+        storage_path=storage_uri(storage_path or cfg.run.storage_path),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        worker_runtime_env={"env_vars": env},
+        callbacks=callbacks or [],
     )
 
 
@@ -134,7 +139,7 @@ def read_history(checkpoint_path: str) -> list[dict]:
         return [json.loads(line) for line in (Path(local) / "history.jsonl").read_text().splitlines()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="trial config YAML (see README.md for every key)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
@@ -143,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. relora.rank=64"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.storage, args.set)

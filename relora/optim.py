@@ -67,7 +67,9 @@ def _prune_(state: dict, ratio: float, method: str, generator: torch.Generator |
         # The k entries of smallest momentum magnitude (ties broken by index).
         index = moments[0].abs().topk(k, largest=False, sorted=False).indices
     else:
-        index = torch.randperm(n, generator=generator, device=moments[0].device)[:k]
+        device = moments[0].device
+        usable = generator is not None and generator.device.type == device.type  # offloaded states live on CPU
+        index = torch.randperm(n, generator=generator if usable else None, device=device)[:k]
     for moment in moments:
         moment[index] = 0
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from relora.layers import adapter_parameters, merge_and_reinit
-from relora.optim import param_groups, reset_optimizer_state
+from relora.optim import RESET_METHODS, param_groups, reset_optimizer_state
 from relora.recipe import ReLoRAConfig
 from relora.schedule import jagged_cosine_scheduler
 
@@ -57,9 +57,14 @@ def restart(
     """Merge, re-initialise, sync DeepSpeed's fp32 masters, and prune the adapters' moments.
 
     ``optimizer`` is a ``torch.optim`` optimizer, a DeepSpeed engine, or a DeepSpeed
-    (ZeRO 1/2/3 or bf16) optimizer. ``generator`` must be seeded alike on every rank in
-    data-parallel runs, so that every rank draws the same new ``A``.
+    (ZeRO 1/2 or bf16) optimizer; ZeRO-3 is untested. ``generator`` must be seeded alike on
+    every rank in data-parallel runs, so that every rank draws the same new ``A``; a
+    ``"random"`` reset draws from it too. Bad arguments are refused before any weight changes.
     """
+    if not 0.0 <= reset_ratio <= 1.0:
+        raise ValueError(f"reset_ratio must lie in [0, 1], got {reset_ratio!r}")
+    if reset_method not in RESET_METHODS:
+        raise ValueError(f"reset_method must be one of {RESET_METHODS}, got {reset_method!r}")
     optimizer = optimizer_of(optimizer)
     merged = merge_and_reinit(model, generator=generator)
     adapters = adapter_parameters(model)
@@ -69,7 +74,7 @@ def restart(
 
         for p in adapters:
             safe_set_full_fp32_param(p, p.detach().float())
-    fraction = reset_optimizer_state(optimizer, adapters, ratio=reset_ratio, method=reset_method)
+    fraction = reset_optimizer_state(optimizer, adapters, ratio=reset_ratio, method=reset_method, generator=generator)
     return RestartResult(merged_layers=merged, reset_fraction=fraction, synced_fp32_masters=synced)
 
 

@@ -4,8 +4,8 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report import summary_table, trial_rows
-from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG
+from orchestrator.report import register_best, summary_table, trial_rows
+from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker
 
 
 def _store_with_two_trials(tmp_path) -> tuple[MlflowClient, str]:
@@ -27,3 +27,16 @@ def test_mode_max_takes_the_largest_value_as_best(tmp_path):
     rows = trial_rows(client, experiment, "s", ["relora.rank"], "tokens_per_s", mode="min")
     assert {r["trial"]: r["best"] for r in rows} == {"a": 100.0, "b": 150.0}
     assert not math.isnan(rows[0]["best"])
+
+
+def test_mode_max_registers_the_largest_and_reports_it_per_trial(tmp_path):
+    client, experiment = _store_with_two_trials(tmp_path)
+    rows = trial_rows(client, experiment, "s", ["relora.rank"], "tokens_per_s", mode="max")
+    best, version = register_best(client, rows, "fastest", "max")
+    assert best["trial"] == "a" and version == 1
+    assert client.get_model_version("fastest", "1").run_id == best["run_id"]
+
+    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", "e2", "s2")
+    callback = MlflowTuneCallback(tracker, lambda trial: {}, metric="tokens_per_s", mode="max")
+    callback.curves["t"] = [{"tokens_per_s": 5.0}, {"tokens_per_s": 9.0}, {"train_loss": 1.0}, {"tokens_per_s": 7.0}]
+    assert callback.best_value("t") == 9.0

@@ -60,3 +60,68 @@ def test_the_readme_lists_every_config_key_and_no_other():
     documented = {key for row in rows for key in re.findall(r"`([a-z_.]+)`", row.split(" | ")[0])}
     schema = json.loads(SCHEMA_FILE.read_text())
     assert documented == _leaf_keys(schema, schema)
+
+
+def _schema_node(schema: dict, key: str) -> dict:
+    node = schema
+    for part in key.split("."):
+        node = node["properties"][part]
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _split_cells(cell: str) -> list[str]:
+    """``1e-3, [0.9, 0.95], 0.0`` -> three values: commas inside brackets do not split."""
+    values, depth, current = [], 0, ""
+    for char in cell:
+        depth += char in "[{" and 1 or 0
+        depth -= char in "]}" and 1 or 0
+        if char == "," and depth == 0:
+            values.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*values, current.strip()]
+
+
+def test_the_readme_defaults_are_the_specs():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Every config key", 1)[1].split("\n## ", 1)[0]
+    schema = json.loads(SCHEMA_FILE.read_text())
+    checked = 0
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        cells = row.split(" | ")
+        keys = re.findall(r"`([a-z_.]+)`", cells[0])
+        if keys == ["relora.target_modules"]:  # written out as prose: checked below
+            continue
+        shown = _split_cells(cells[1])
+        assert len(shown) == len(keys), row
+        for key, text in zip(keys, shown, strict=True):
+            default = _schema_node(schema, key).get("default")
+            value = yaml.safe_load(text.strip("`").replace('""', "''"))
+            if isinstance(value, str) and re.fullmatch(r"[0-9.]+e-?[0-9]+", value):
+                value = float(value)  # YAML 1.1 reads 1e-3 as a string
+            if value is None and default is None:  # `{}`/`[]` fields default by factory
+                continue
+            same = value == default or (value in ({}, []) and default is None)
+            assert same, f"README: {key} = {text}, spec: {default}"
+            checked += 1
+    assert checked >= 40
+    modules = _schema_node(schema, "relora").get("properties")["target_modules"]["default"]
+    assert modules == [f"{m}_proj" for m in ("q", "k", "v", "o", "gate", "up", "down")]
+
+
+def test_the_readme_search_block_shows_every_search_key_and_passes_the_schema():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Sweeps", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    example = yaml.safe_load(block)
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.validate(example, schema)
+    for key in ("search", "search.scheduler", "search.resources"):
+        shown = example
+        for part in key.split("."):
+            shown = shown[part]
+        assert set(shown) == set(_schema_node(schema, key)["properties"]), key

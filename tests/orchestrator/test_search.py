@@ -25,6 +25,11 @@ def test_a_valid_sweep_resolves_its_trials(make_trial):
     assert resolved.train == spec.base_config.train  # the rest as the driver resolved it
 
 
+def test_a_sweep_may_maximise_throughput(make_trial):
+    spec = load_sweep(_sweep(make_trial, metric="tokens_per_s", mode="max"))
+    assert (spec.search.metric, spec.search.mode) == ("tokens_per_s", "max")
+
+
 @pytest.mark.parametrize(
     ("search", "path"),
     [

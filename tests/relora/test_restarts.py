@@ -52,3 +52,29 @@ def test_make_optimizer_positions_the_schedule_and_groups_the_adapters(tiny_llam
             5, total_steps=40, warmup_steps=2, restart_every=10, restart_warmup_steps=2, min_lr_ratio=0.1
         )
     )
+
+
+def test_a_bad_reset_is_refused_before_any_weight_changes(tiny_llama, token_batch):
+    optimizer, _ = _trained(tiny_llama, token_batch)
+    weights = {n: p.clone() for n, p in tiny_llama.named_parameters()}
+    for bad in ({"reset_ratio": 1.5}, {"reset_ratio": 0.5, "reset_method": "largest"}):
+        with pytest.raises(ValueError, match="reset_ratio|reset_method"):
+            relora.restart(tiny_llama, optimizer, **bad)
+    assert all(torch.equal(p, weights[n]) for n, p in tiny_llama.named_parameters()), "nothing merged"
+
+
+def test_a_random_reset_draws_from_the_given_generator(tiny_llama, token_batch):
+    optimizer, _ = _trained(tiny_llama, token_batch)
+    adapters = relora.adapter_parameters(tiny_llama)
+    state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in adapters}
+    kept = []
+    for _ in range(2):
+        for p in relora.adapter_parameters(tiny_llama):
+            for key, value in state[id(p)].items():
+                optimizer.state[p][key].copy_(value)
+        torch.manual_seed(len(kept))  # the global RNG differs between the two restarts
+        relora.restart(
+            tiny_llama, optimizer, reset_ratio=0.5, reset_method="random", generator=torch.Generator().manual_seed(7)
+        )
+        kept.append([optimizer.state[p]["exp_avg"] != 0 for p in relora.adapter_parameters(tiny_llama)])
+    assert all(torch.equal(a, b) for a, b in zip(*kept, strict=True)), "the same entries are pruned"
