@@ -25,7 +25,17 @@ from orchestrator.config import flatten, redact
 
 log = logging.getLogger(__name__)
 
-CURVE_METRICS = ("train_loss", "lr", "val_loss", "val_ppl", "tokens_per_s", "update_rank_max", "update_rank_mean")
+CURVE_METRICS = (
+    "train_loss",
+    "lr",
+    "val_loss",
+    "val_ppl",
+    "tokens_per_s",
+    "mfu",
+    "update_rank_max",
+    "update_rank_mean",
+    "merge_lost_share",
+)
 TRIAL_ID_TAG = "tune_trial_id"
 SWEEP_TAG = "relora_sweep"
 

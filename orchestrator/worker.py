@@ -167,6 +167,7 @@ class Worker:
             "restarts": self.restarts,
             "merged_layers": done.merged_layers,
             "reset_fraction": zeroed_all.item() / self.world_size,
+            "merge_lost_share": done.lost_share,  # of the update's norm, lost to rounding in the stored weights
             "weights_in_sync": self.weights_in_sync(),
         }
         if self.rank == 0:  # the SVDs once, not on every rank: Ray Train keeps rank 0's metrics
@@ -177,8 +178,9 @@ class Worker:
         return event
 
     def weights_in_sync(self) -> bool:
-        """Whether every rank holds bit-identical weights (a float64 checksum of all of them)."""
-        checksum = torch.tensor([sum(float(p.detach().double().abs().sum()) for p in self.model.parameters())])
+        """Whether every rank holds bit-identical weights and merge residuals (a float64 checksum)."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        checksum = torch.tensor([sum(float(t.detach().double().abs().sum()) for t in tensors)])
         gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
         dist.all_gather(gathered, checksum)
         return all(torch.equal(g, gathered[0]) for g in gathered)
@@ -311,7 +313,9 @@ class Worker:
         if relora_cfg.wraps_at(self.step):
             self.switch_to_low_rank()
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-            return {"event": "switch", "at_step": self.step, "trainable_params": trainable}
+            _, layer = next(relora.relora_layers(self.model))
+            dtype = str(layer.weight.dtype).removeprefix("torch.")  # bfloat16 under DeepSpeed bf16
+            return {"event": "switch", "at_step": self.step, "trainable_params": trainable, "weight_dtype": dtype}
         if relora_cfg.restarts_at(self.step):
             return self.restart()
         return {}

@@ -8,12 +8,24 @@ updates adds up to a high-rank one (Lialin et al., 2024).
 Two details that peer implementations get wrong and that silently ruin training:
 ``A`` is random and ``B`` is zero (never both zero, else no adapter learns), and the
 merge includes the scale ``s`` (else the merged model is not the trained one).
+
+A third that every peer gets wrong: under bf16 (DeepSpeed's, say) the frozen ``W`` is stored
+in bf16, and rounding ``W + s·B·A`` back to bf16 drops most of a small update (84% of its
+norm at ``|dW|/|W| = 8e-4``). A merge into a low-precision weight therefore keeps what the
+rounding left out in ``weight_residual``, a buffer of the weight's own dtype, and adds it
+back at the next merge (compensated, "Kahan", summation): ``W + residual`` holds the base
+weight to about 2^-18 of ``|W|``. We chose this over an fp32 copy of every frozen weight
+because it costs half the memory (2 bytes a weight, not 4: 2.4 GB rather than 4.8 GB per
+rank for a 1.3B model) and leaves the forward untouched (it reads the bf16 ``W``, the
+value an fp32 copy would round to anyway), and over stochastic rounding because that
+keeps the update only on average. fp32 weights get no residual: it is never created.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +84,8 @@ class ReLoRALinear(nn.Module):
             self.scaling = nn.Parameter(torch.tensor(alpha / rank, **factory))
         else:
             self.register_buffer("scaling", torch.tensor(alpha / rank, **factory), persistent=False)
+        # What merges into a low-precision W left out; created by the first such merge.
+        self.register_buffer("weight_residual", None)
         self.reset_base()
         self.reset_adapter()
 
@@ -118,6 +132,11 @@ class ReLoRALinear(nn.Module):
         self.lora_A.uniform_(-bound, bound, generator=generator)
         self.lora_B.zero_()
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight in float32, with what earlier merges' rounding left out."""
+        weight = self.weight.detach().float()
+        return weight if self.weight_residual is None else weight + self.weight_residual.float()
+
     def delta_weight(self) -> torch.Tensor:
         """The update ``s * B @ A`` that a merge would add to ``weight``, in float32."""
         # The fixed scale as the forward uses it (a Python float): a bf16 buffer would round
@@ -126,17 +145,38 @@ class ReLoRALinear(nn.Module):
         return scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     @torch.no_grad()
-    def merge_and_reinit(self, generator: torch.Generator | None = None) -> None:
+    def merge_and_reinit(
+        self, generator: torch.Generator | None = None, *, compensate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """W += s * B @ A, then restart the adapter. The layer's output is unchanged.
 
         The sum is formed in float32 and checked before it is written (a "safe merge"):
-        a non-finite adapter raises instead of corrupting the base weight.
+        a non-finite adapter raises instead of corrupting the base weight. Into a bf16 or
+        fp16 weight, what rounding drops goes to ``weight_residual`` (module docstring),
+        unless ``compensate=False``. Returns the squared norms of what the stored base
+        weight lost of the update and of the update itself, as tensors (no host sync).
         """
-        merged = self.weight.float() + self.delta_weight()
+        delta = self.delta_weight()
+        merged = self.base_weight() + delta
         if not torch.isfinite(merged).all():
             raise ValueError("merge_and_reinit: the adapter holds NaN or inf; the base weight was left untouched")
         self.weight.copy_(merged)
+        if compensate and self.weight.dtype in (torch.bfloat16, torch.float16):
+            if self.weight_residual is None:
+                self.weight_residual = torch.zeros_like(self.weight)
+            self.weight_residual.copy_(merged - self.weight.float())
+        elif self.weight_residual is not None:
+            self.weight_residual.zero_()
+        lost = (self.base_weight() - merged).square().sum()
         self.reset_adapter(generator)
+        return lost, delta.square().sum()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint taken after a compensated merge holds a residual this layer has not made yet.
+        saved = state_dict.get(prefix + "weight_residual")
+        if saved is not None and self.weight_residual is None:
+            self.weight_residual = torch.zeros(saved.shape, dtype=self.weight.dtype, device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._plain_adapter(x):
@@ -262,17 +302,34 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+@dataclass(frozen=True)
+class MergeResult:
+    layers: int  # adapter layers merged into their base weights
+    lost_share: float  # norm(W_after - W_before - dW) / norm(dW) over all layers: 0 for an exact merge
+
+
+def merge(model: nn.Module, generator: torch.Generator | None = None, *, compensate: bool = True) -> MergeResult:
+    """Merge every adapter into its base weight and restart it, measuring what the stored
+    weights lost of the update (``compensate=False``: plain rounding, for comparison)."""
+    lost, total, count = [], [], 0
+    for _, layer in relora_layers(model):
+        layer_lost, layer_total = layer.merge_and_reinit(generator, compensate=compensate)
+        lost.append(layer_lost)
+        total.append(layer_total)
+        count += 1
+    if not count:
+        return MergeResult(0, 0.0)
+    lost_sq, total_sq = torch.stack([torch.stack(lost).sum(), torch.stack(total).sum()]).tolist()  # one host sync
+    return MergeResult(count, math.sqrt(lost_sq / total_sq) if total_sq > 0 else 0.0)
+
+
 def merge_and_reinit(model: nn.Module, generator: torch.Generator | None = None) -> int:
     """Merge every adapter into its base weight and restart it; returns how many layers merged.
 
     In data-parallel training pass a ``generator`` seeded the same on every rank, so that
     the new ``A`` matrices, and thus the weights, stay identical across ranks.
     """
-    count = 0
-    for _, layer in relora_layers(model):
-        layer.merge_and_reinit(generator)
-        count += 1
-    return count
+    return merge(model, generator).layers
 
 
 @torch.no_grad()
@@ -290,7 +347,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             device=layer.weight.device,
             dtype=layer.weight.dtype,
         )
-        linear.weight.copy_(layer.weight.float() + layer.delta_weight())
+        linear.weight.copy_(layer.base_weight() + layer.delta_weight())
         if layer.bias is not None:
             linear.bias.copy_(layer.bias)
         parent_name, _, child_name = name.rpartition(".")

@@ -23,7 +23,7 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     Take one when training starts (or when the layers are wrapped) and pass it to
     ``update_ranks`` later.
     """
-    return {name: layer.weight.detach().float() + layer.delta_weight() for name, layer in relora_layers(model)}
+    return {name: layer.base_weight() + layer.delta_weight() for name, layer in relora_layers(model)}
 
 
 def update_ranks(model: nn.Module, start: dict[str, torch.Tensor], *, threshold: float = 0.1) -> dict[str, int]:

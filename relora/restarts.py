@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from relora.layers import adapter_parameters, merge_and_reinit
+from relora.layers import adapter_parameters, merge
 from relora.optim import RESET_METHODS, param_groups, reset_optimizer_state
 from relora.recipe import ReLoRAConfig
 from relora.schedule import jagged_cosine_scheduler
@@ -32,6 +32,7 @@ class RestartResult:
     merged_layers: int  # adapter layers merged into their base weights
     reset_fraction: float  # of the adapters' moment entries, zero afterwards (this rank's under ZeRO)
     synced_fp32_masters: bool  # whether DeepSpeed's fp32 master copies were overwritten
+    lost_share: float  # of the update's norm, what the stored base weights lost (rounding): ~0 when exact
 
 
 def _is_deepspeed(obj) -> bool:
@@ -53,6 +54,7 @@ def restart(
     reset_ratio: float,
     reset_method: str = "magnitude",
     generator: torch.Generator | None = None,
+    compensate: bool = True,
 ) -> RestartResult:
     """Merge, re-initialise, sync DeepSpeed's fp32 masters, and prune the adapters' moments.
 
@@ -60,13 +62,15 @@ def restart(
     (ZeRO 1/2 or bf16) optimizer; ZeRO-3 is untested. ``generator`` must be seeded alike on
     every rank in data-parallel runs, so that every rank draws the same new ``A``; a
     ``"random"`` reset draws from it too. Bad arguments are refused before any weight changes.
+    Merges into bf16 weights keep what rounding drops (``relora.layers``); ``compensate=False``
+    rounds them plainly, as the reference code does (for comparison only).
     """
     if not 0.0 <= reset_ratio <= 1.0:
         raise ValueError(f"reset_ratio must lie in [0, 1], got {reset_ratio!r}")
     if reset_method not in RESET_METHODS:
         raise ValueError(f"reset_method must be one of {RESET_METHODS}, got {reset_method!r}")
     optimizer = optimizer_of(optimizer)
-    merged = merge_and_reinit(model, generator=generator)
+    merged = merge(model, generator, compensate=compensate)
     adapters = adapter_parameters(model)
     synced = _is_deepspeed(optimizer)
     if synced:
@@ -75,7 +79,9 @@ def restart(
         for p in adapters:
             safe_set_full_fp32_param(p, p.detach().float())
     fraction = reset_optimizer_state(optimizer, adapters, ratio=reset_ratio, method=reset_method, generator=generator)
-    return RestartResult(merged_layers=merged, reset_fraction=fraction, synced_fp32_masters=synced)
+    return RestartResult(
+        merged_layers=merged.layers, reset_fraction=fraction, synced_fp32_masters=synced, lost_share=merged.lost_share
+    )
 
 
 def make_optimizer(

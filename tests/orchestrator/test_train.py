@@ -81,6 +81,15 @@ def zero2_run(local_ray, tmp_path_factory, data_cache):
     return run_trial(trial_dict(tmp_path_factory.mktemp("zero2"), data_cache))
 
 
+@pytest.fixture(scope="module")
+def bf16_run(local_ray, tmp_path_factory, data_cache):
+    """The same trial in bf16 (DeepSpeed's CPU accelerator runs ZeRO-2 bf16 over gloo)."""
+    from conftest import trial_dict
+
+    trial = trial_dict(tmp_path_factory.mktemp("bf16"), data_cache, deepspeed__precision="bf16")
+    return run_trial(trial)
+
+
 def check_recipe(cfg, data, result, error, killed=()):
     assert error is None, error
     history = read_history(result.checkpoint.path)
@@ -94,6 +103,8 @@ def check_recipe(cfg, data, result, error, killed=()):
     assert all(e["merged_layers"] == 14 for e in restarts)
     assert all(abs(e["reset_fraction"] - 0.99) <= 0.02 for e in restarts), "two optimizer resets of 99%"
     assert all(e["weights_in_sync"] for e in restarts), "ranks must hold identical weights after a merge"
+    # Each merge added the whole update to the stored weights, bf16 ones included (compensated).
+    assert all(0 <= e["merge_lost_share"] < 0.01 for e in restarts), [e["merge_lost_share"] for e in restarts]
 
     # The LR drops to zero at each restart, after being positive just before it.
     lr = {h["step"] - 1: h["lr"] for h in history if "lr" in h}  # the LR of step (n - 1)
@@ -166,9 +177,19 @@ def test_killed_run_resumes_where_it_stopped(zero2_run, local_ray, make_trial, t
     assert history[-1]["final_val_loss"] == pytest.approx(reference[-1]["final_val_loss"], abs=1e-4)
 
 
-def test_lost_worker_is_recovered_by_ray_train(zero2_run, local_ray, make_trial, tmp_path):
-    reference = read_history(zero2_run[2].checkpoint.path)
-    cfg, data, result, error, killed = run_trial(make_trial(run__max_failures=1), kill_after_checkpoint=40)
+def test_bf16_trial_runs_the_full_recipe(bf16_run):
+    history = check_recipe(*bf16_run)
+    # It really ran in bf16: the merges went into bf16 weights (and check_recipe found them exact).
+    assert events(history, "switch")[0]["weight_dtype"] == "bfloat16"
+
+
+def test_lost_bf16_worker_is_recovered_by_ray_train(bf16_run, local_ray, make_trial, tmp_path):
+    """Exact resume in bf16 at the fp32 tolerance (1e-4 on every loss): the checkpoint holds the
+    bf16 weights, their merge residuals, DeepSpeed's fp32 masters and Adam moments, and the
+    steps replay the same bf16 arithmetic, so nothing is left to differ."""
+    reference = read_history(bf16_run[2].checkpoint.path)
+    trial = make_trial(run__max_failures=1, deepspeed__precision="bf16")
+    cfg, data, result, error, killed = run_trial(trial, kill_after_checkpoint=40)
     assert error is None, error
     assert len(killed) == 1, "a worker was killed once"
     assert_same_run(read_history(result.checkpoint.path), reference)

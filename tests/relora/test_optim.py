@@ -94,3 +94,16 @@ def test_both_moments_are_pruned_at_the_same_entries(wrapped, method):
     for p in adapters:
         m, v = optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]
         assert torch.equal(m == 0, v == 0)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "random"])
+def test_a_reset_on_bf16_moments(tiny_llama, token_batch, method):
+    relora.wrap(tiny_llama.to(torch.bfloat16), rank=8, alpha=16)
+    optimizer = _trained_optimizer(tiny_llama, token_batch)
+    adapters = relora.adapter_parameters(tiny_llama)
+    assert optimizer.state[adapters[0]]["exp_avg"].dtype == torch.bfloat16
+    fraction = relora.reset_optimizer_state(optimizer, adapters, ratio=0.9, method=method)
+    assert fraction == pytest.approx(0.9, abs=0.02)
+    for p in adapters:
+        state = optimizer.state[p]
+        assert torch.equal(state["exp_avg"] == 0, state["exp_avg_sq"] == 0), "one mask for both moments"
