@@ -74,6 +74,15 @@ Text = Annotated[str, Field(min_length=1, max_length=1000)]
 # so no `..`, no leading `/`, no quotes or backslashes. Letters of any script are fine.
 NAME_PATTERN = r"^(?!/)(?!.*(^|/)\.\.(/|$))[^'\"\\\x00-\x1f`]{1,200}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+# A Model Registry name: MLflow also refuses `/`, `:` and `%` there.
+REGISTRY_NAME_PATTERN = r"^(?!.*\.\.)[^/:%'\"\\\x00-\x1f`]{1,200}$"
+RegistryName = Annotated[str, Field(pattern=REGISTRY_NAME_PATTERN)]
+RESERVED_RUN_NAMES = ("data", "warm-starts")  # folders of the storage path itself
+
+
+def registry_name(run_name: str) -> str:
+    """The default registry name of a sweep's best model: `<run.name>-best`, made one MLflow accepts."""
+    return re.sub(r"[/:%]|\.\.", "-", run_name) + "-best"
 
 
 @dataclass(frozen=True)
@@ -90,9 +99,9 @@ class DataConfig:
     #   "hub"                a Hugging Face hub dataset: `hub_path` (+ `hub_name`, `hub_split`)
     source: Literal["builtin", "file", "hub"] = "builtin"
     paths: Annotated[list[Text], Field(max_length=10_000)] = field(default_factory=list)
-    hub_path: str = ""
-    hub_name: str = ""
-    hub_split: str = "train"
+    hub_path: Annotated[str, Field(max_length=1000)] = ""
+    hub_name: Annotated[str, Field(max_length=1000)] = ""
+    hub_split: Text = "train"
     # Stream a large hub dataset instead of downloading it whole: it is read up to the run's
     # token budget (total_steps x global_batch_size x seq_len) plus the validation share.
     streaming: bool = False
@@ -216,7 +225,33 @@ def _check_data(d: DataConfig) -> None:
         raise ConfigError("data.vocab_size", f"must be at least 300 for a byte-level BPE, got {d.vocab_size}")
 
 
+def _check_bounds(cfg: TrialConfig) -> None:
+    """Ranges of the library's own fields (relora.ReLoRAConfig checks only their signs)."""
+    r = cfg.relora
+    for key, value, limit in (
+        ("relora.rank", r.rank, 65_536),
+        ("relora.alpha", r.alpha, 1e6),
+        ("relora.restart_every", r.restart_every, STEPS),
+        ("relora.warm_start_steps", r.warm_start_steps, STEPS),
+        ("optim.lr", cfg.optim.lr, 10.0),
+    ):
+        if value > limit:
+            raise ConfigError(key, f"must be at most {limit:g}, got {shown(value)}")
+
+
+def _check_run_name(name: str) -> None:
+    parts = name.split("/")
+    if any(part in ("", ".") for part in parts):
+        raise ConfigError("run.name", f"needs a name in each '/'-separated part, got {shown(name)}")
+    if parts[0] in RESERVED_RUN_NAMES:
+        raise ConfigError("run.name", f"{shown(parts[0])} is a folder of the storage path itself; choose another")
+    if any(len(part.encode()) > 200 for part in parts):
+        raise ConfigError("run.name", f"each part must fit in a folder name (200 bytes), got {shown(name)}")
+
+
 def _check_target_modules(cfg: TrialConfig) -> None:
+    if len(set(cfg.relora.target_modules)) != len(cfg.relora.target_modules):
+        raise ConfigError("relora.target_modules", f"names a module twice: {shown(list(cfg.relora.target_modules))}")
     for i, module in enumerate(cfg.relora.target_modules):
         if module not in relora.LLAMA_TARGET_MODULES:  # every model of relora.MODEL_SHAPES is a LLaMA
             raise ConfigError(
@@ -257,6 +292,8 @@ def _check_relations(cfg: TrialConfig) -> None:
         )
     _check_data(d)
     _check_target_modules(cfg)
+    _check_bounds(cfg)
+    _check_run_name(cfg.run.name)
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage",
@@ -342,11 +379,21 @@ def _adapter(cls: type) -> TypeAdapter:
     return TypeAdapter(cls)
 
 
+def local_path(text: str, where: str) -> Path:
+    """``text`` as a path of this machine, ``~`` expanded; ConfigError for what no path can be."""
+    if "\x00" in text:
+        raise ConfigError(where, "holds a NUL byte")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as error:  # ~nosuchuser/...
+        raise ConfigError(where, f"{shown(text)}: {error}") from None
+
+
 def check_environment(cfg: TrialConfig) -> None:
     """What the spec cannot know: whether its input files exist and its cache can be written here.
 
     Run once, before Ray starts; Tune actors and Train workers never repeat it."""
-    cache = Path(cfg.data.cache_dir).expanduser()
+    cache = local_path(cfg.data.cache_dir, "data.cache_dir")
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -356,12 +403,38 @@ def check_environment(cfg: TrialConfig) -> None:
     if cfg.data.source != "file":
         return
     for i, p in enumerate(cfg.data.paths):
-        path = Path(p).expanduser()
+        path = local_path(p, f"data.paths[{i}]")
         if glob.has_magic(str(path)):
-            if not any(Path(match).is_file() for match in glob.iglob(str(path))):
+            matches = [Path(match) for match in glob.iglob(str(path)) if Path(match).is_file()]
+            if not matches:
                 raise ConfigError(f"data.paths[{i}]", f"matches no file: {path}")
         elif not path.is_file():
             raise ConfigError(f"data.paths[{i}]", f"no such file: {path}")
+        else:
+            matches = [path]
+        _check_text_column(matches[0], cfg.data.text_column, f"data.paths[{i}]")
+
+
+def _check_text_column(path: Path, column: str, where: str) -> None:
+    """A JSON Lines or Parquet file must hold ``data.text_column`` (its first record, or its schema)."""
+    name = path.name.removesuffix(".gz")
+    try:
+        if name.endswith(".jsonl"):
+            import gzip
+
+            with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+            keys = set(json.loads(first)) if first.lstrip().startswith("{") else set()
+        elif name.endswith(".parquet"):
+            import pyarrow.parquet
+
+            keys = set(pyarrow.parquet.read_schema(path).names)
+        else:
+            return
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise ConfigError(where, f"cannot be read: {_cut(str(error), 200)}") from None
+    if column not in keys:
+        raise ConfigError("data.text_column", f"{shown(column)} is not a column of {path}; it has {sorted(keys)[:20]}")
 
 
 PROBE_SECONDS = 10
@@ -421,6 +494,16 @@ def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> None:
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ConfigError(where, f"cannot write the MLflow database in {folder}")
+    if scheme == "file":
+        folder = local_path(uri.removeprefix("file://"), where).resolve()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)  # what MLflow's file store does first
+        except OSError as error:
+            raise ConfigError(where, f"cannot make an MLflow file store at {folder}: {error.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(where, f"cannot write an MLflow file store at {folder}")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        _check_reachable(uri, where)
     if scheme in ("http", "https"):
         try:
             _within(PROBE_SECONDS, lambda: urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_SECONDS))
@@ -428,6 +511,23 @@ def check_tracking_uri(uri: str, where: str = "--tracking-uri") -> None:
             raise ConfigError(
                 where, f"no MLflow server answers at {redact(uri)} ({error}); start it, or leave it out for ./mlflow.db"
             ) from None
+
+
+def _check_reachable(uri: str, where: str) -> None:
+    """A database server answers a TCP connection (the cheap call: no driver, no credentials)."""
+    import socket
+    import urllib.parse
+
+    parsed = urllib.parse.urlsplit(uri)
+    default_port = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[parsed.scheme.split("+", 1)[0]]
+    try:
+        address = (parsed.hostname or "localhost", parsed.port or default_port)
+    except ValueError as error:
+        raise ConfigError(where, f"{redact(uri)}: {error}") from None
+    try:
+        socket.create_connection(address, timeout=PROBE_SECONDS).close()
+    except OSError as error:
+        raise ConfigError(where, f"no database answers at {redact(uri)} ({error})") from None
 
 
 def check_token_budget(budget: int, train_blocks: int, data: DataConfig) -> None:
@@ -556,10 +656,17 @@ def with_overrides(data: Any, overrides: Sequence[str]) -> Any:
         path, sep, text = item.partition("=")
         if not sep or not path or any(not part for part in path.split(".")):
             raise ConfigError("--set", f"expects key.path=value, got {item[:200]!r}")
+        if path.count(".") >= MAX_SPEC_DEPTH or len(item) > MAX_SPEC_BYTES:
+            raise ConfigError("--set", f"{_cut(path, 80)} is deeper or longer than any config key")
+        if text.count("*") > 64:  # YAML aliases: a few bytes can expand to gigabytes before the node cap
+            raise ConfigError(_cut(path, 80), "--set value holds too many YAML aliases")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise ConfigError(path, f"--set value is not valid YAML: {text[:200]!r}") from None
+            value = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except yaml.YAMLError as error:
+            raise ConfigError(_cut(path, 80), f"--set value is not valid YAML ({error}): {text[:200]!r}") from None
+        except RecursionError:
+            raise ConfigError(_cut(path, 80), f"--set value is nested more than {MAX_SPEC_DEPTH} levels deep") from None
+        _check_shape(value, _cut(path, 80))
         data = set_dotted(data if isinstance(data, dict) else {}, path, value)
     return data
 

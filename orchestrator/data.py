@@ -34,7 +34,7 @@ from pydoc_data.topics import topics
 import numpy as np
 import torch
 
-from orchestrator.config import ConfigError, DataConfig
+from orchestrator.config import ConfigError, DataConfig, redact
 
 log = logging.getLogger(__name__)
 
@@ -349,13 +349,13 @@ def prepare_data(cfg: DataConfig, storage: str | None = None, *, token_target: i
     is how many training tokens to take: reading stops once the shards hold them."""
     cached = cached_data(cfg, storage, token_target)
     if cached is not None:
-        log.info("data cache hit: %s", cached.path)
+        log.info("data cache hit: %s", redact(cached.path))
         return cached
     root = _prepared_root(cfg, storage, token_target)
     local = cached_data(cfg, None, token_target) if storage else None
     if local is not None:  # prepared on this machine before: copy it, meta.json last
         return _copy_prepared(local, root)
-    log.info("preparing data %s into %s", asdict(cfg), root)
+    log.info("preparing data %s into %s", redact(asdict(cfg)), redact(root))
     documents = read_documents(cfg)
     tokenizer = load_or_train_tokenizer(cfg, documents, Path(cfg.cache_dir).expanduser())
     if tokenizer.eos_token_id is None:
@@ -386,7 +386,7 @@ def prepare_data(cfg: DataConfig, storage: str | None = None, *, token_target: i
 def _copy_prepared(data: PreparedData, root: str) -> PreparedData:
     import pyarrow.fs
 
-    log.info("copying the prepared data from %s to %s", data.path, root)
+    log.info("copying the prepared data from %s to %s", redact(data.path), redact(root))
     fs, fs_root = storage_filesystem(root)
     local = pyarrow.fs.LocalFileSystem()
     for part in (TRAIN, VALIDATION, "tokenizer"):

@@ -37,7 +37,7 @@ from orchestrator.config import (
     SPEC_RULES,
     STEPS,
     ConfigError,
-    Name,
+    RegistryName,
     ResourceAmounts,
     TrialConfig,
     Workers,
@@ -94,7 +94,7 @@ class SearchSpec:
     search_alg: Literal["random", "optuna"] = "random"
     max_concurrent_trials: Annotated[int, Field(gt=0, le=1024)] = 2
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    register_model: Name | Literal[""] = ""  # "" : <run.name>-best
+    register_model: RegistryName | Literal[""] = ""  # "" : <run.name>-best
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def _check_samples(search: SearchSpec, base: dict) -> None:
         for path, value in _overrides(params, search.variants).items():
             config = set_dotted(config, path, value)
         try:
-            config_from_dict(config)
+            _check_search_against(search, config_from_dict(config))  # a swept total_steps meets ASHA too
         except ConfigError as error:
             swept = ", ".join(f"{k}={v!r}" for k, v in params.items())
             where = f"search.params.{error.path}" if error.path in params else error.path
@@ -247,6 +247,14 @@ def with_resources(trial: dict, resources: ResourcesSpec) -> dict:
     }
     if resources.gpus_per_worker > 0:
         scaling["gpus_per_worker"] = resources.gpus_per_worker
+    given = trial.get("scaling") if isinstance(trial.get("scaling"), dict) else {}
+    for key, value in given.items():  # never silently beaten by search.resources
+        if key in scaling and value != scaling[key] or key == "gpus_per_worker" and value != resources.gpus_per_worker:
+            raise ConfigError(
+                f"scaling.{key}",
+                f"is set by search.resources in a sweep file (which gives {shown(scaling.get(key, 0))}, "
+                f"not {shown(value)}): set it there",
+            )
     for key, value in scaling.items():
         trial = set_dotted(trial, f"scaling.{key}", value)
     return trial

@@ -31,6 +31,7 @@ from orchestrator.config import (
     flatten,
     load_yaml,
     redact,
+    registry_name,
     shown,
     with_overrides,
     with_storage,
@@ -201,6 +202,12 @@ def check_unchanged(spec: SweepSpec) -> None:
             stored = json.loads(f.read())
     except (FileNotFoundError, OSError):
         return  # a new sweep (or one from before the record): nothing to compare
+    except ValueError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise ConfigError(
+            "run.name", f"the stored record of this sweep ({path}) is not a spec record: --fresh starts over"
+        )
     current = spec_record(spec)
     changed = sorted(key for key in stored.keys() | current.keys() if stored.get(key) != current.get(key))
     if changed:
@@ -369,12 +376,12 @@ def summarize(spec: SweepSpec, tracker) -> None:
     print()
     print(summary_table(rows, swept, s.metric))
     log_plots(tracker.client, tracker.parent_id, rows, swept, s.metric)
-    registry_name = s.register_model or f"{name}-best"
-    registered = register_best(tracker.client, rows, registry_name, s.mode)
+    registry = s.register_model or registry_name(name)
+    registered = register_best(tracker.client, rows, registry, s.mode)
     if registered:
         best, version = registered
         best_value = f"{s.metric} {best['best']:.3f}"
-        print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry_name} version {version}")
+        print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry} version {version}")
 
 
 def check_before_work(spec: SweepSpec, args: argparse.Namespace, tracking_uri: str) -> None:
@@ -411,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.tracking import SweepTracker
 
     name = spec.base_config.run.name
-    tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name)
+    tracker = SweepTracker(tracking_uri, experiment=name, sweep_name=name, fresh=args.fresh)
     run_sweep(spec, data, args.spec, args, tracker)
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)

@@ -64,17 +64,29 @@ def is_transient(error: Exception) -> bool:
 class SweepTracker:
     """The parent run of a sweep, found again by name on resume (no duplicates)."""
 
-    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, *, fresh: bool = False) -> None:
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self.sweep_name = sweep_name
+        if fresh:
+            self.retire_earlier_runs()
         self.parent_id = self._find_or_create(
             f"tags.{SWEEP_TAG} = '{sweep_name}' and tags.sweep_role = 'parent'",
             run_name=sweep_name,
             tags={SWEEP_TAG: sweep_name, "sweep_role": "parent"},
         )
+
+    def retire_earlier_runs(self) -> int:
+        """`--fresh`: an earlier sweep of this name keeps its runs, re-tagged `<name>@<time>`, so that
+        the new sweep's summary, plots and registered model are its own."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        query = f"tags.{SWEEP_TAG} = '{self.sweep_name}'"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=50_000)
+        for run in runs:
+            self.client.set_tag(run.info.run_id, SWEEP_TAG, f"{self.sweep_name}@{stamp}")
+        return len(runs)
 
     def _find_or_create(self, query: str, *, run_name: str, tags: dict) -> str:
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)

@@ -17,7 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.config import ConfigError, TrialConfig, check_storage, check_token_budget, load_config
+from orchestrator.config import (
+    ConfigError,
+    TrialConfig,
+    check_storage,
+    check_token_budget,
+    load_config,
+    local_path,
+    redact,
+)
 from orchestrator.data import PreparedData, prepare_data
 
 log = logging.getLogger("orchestrator.train")
@@ -64,7 +72,9 @@ def check_local_resources(cfg: TrialConfig) -> None:
 
 def storage_uri(storage: str) -> str:
     """A URI as it is; a local path made absolute (Ray Train and the workers need one)."""
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+    if "\x00" in storage:
+        raise ConfigError("run.storage_path", "holds a NUL byte")
+    return storage if "://" in storage else str(local_path(storage, "run.storage_path").resolve())
 
 
 def scaling_config(cfg: TrialConfig, use_gpu: bool):
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks of {data.seq_len} tokens "
-        f"({'cache hit' if data.cache_hit else 'prepared'}) at {data.path}"
+        f"({'cache hit' if data.cache_hit else 'prepared'}) at {redact(data.path)}"
     )
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else cfg.run.name
     from ray.train import TrainingFailedError
@@ -183,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trial stopped: {final['stop_reason']}", file=sys.stderr)
         return 1
     print(f"done: final val loss {final['final_val_loss']:.4f}, val ppl {final['final_val_ppl']:.2f}")
-    print(f"merged checkpoint (load with AutoModelForCausalLM.from_pretrained): {result.checkpoint.path}/merged")
+    print(
+        f"merged checkpoint (load with AutoModelForCausalLM.from_pretrained): {redact(result.checkpoint.path)}/merged"
+    )
     return 0
 
 

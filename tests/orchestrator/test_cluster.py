@@ -121,6 +121,7 @@ def cluster(tmp_path_factory, data_cache):
 def sweep_spec(tmp_path: Path, data_cache: Path, name: str, total_steps: int, ranks: list[int]) -> Path:
     """Trials of one Train worker each, which only a worker node can host."""
     spec = trial_dict(tmp_path, data_cache)
+    del spec["scaling"]  # a sweep sets its workers in search.resources
     spec["run"] = {"name": name, "max_failures": 2}  # storage: $RELORA_STORAGE, set on the head
     spec["relora"].update(warm_start_steps=20, restart_every=20)
     spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10)

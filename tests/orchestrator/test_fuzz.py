@@ -50,3 +50,37 @@ def test_valid_edge_cases_are_accepted(outcomes, case):
     # A sweep stops at --dry-run; a trial gets as far as starting Ray, which the runner refuses.
     expected = 0 if case.get("cli") == "sweep" else "work started"
     assert outcome["exit"] == expected, outcome
+
+
+def _base(tmp_path: Path, **sections) -> dict:
+    spec = {key: dict(value) for key, value in CORPUS["base"].items()}
+    spec["data"]["cache_dir"] = str(tmp_path / "cache")
+    spec["run"]["storage_path"] = str(tmp_path / "runs")
+    for section, values in sections.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    return spec
+
+
+def test_a_missing_text_column_is_refused_before_any_work(tmp_path):
+    from orchestrator.config import ConfigError, check_environment, config_from_dict
+
+    records = tmp_path / "records.jsonl"
+    records.write_text('{"body": "a document"}\n')
+    cfg = config_from_dict(_base(tmp_path, data={"source": "file", "paths": [str(records)], "text_column": "text"}))
+    with pytest.raises(ConfigError) as error:
+        check_environment(cfg)
+    assert error.value.path == "data.text_column" and "body" in str(error.value)
+
+
+@pytest.mark.parametrize("record", ["{trunc", "[1, 2]"])
+def test_a_corrupt_sweep_record_is_refused_in_one_line(tmp_path, record):
+    from orchestrator.config import ConfigError
+    from orchestrator.search import load_sweep
+    from orchestrator.sweep import SPEC_RECORD, check_unchanged
+
+    spec = load_sweep({**_base(tmp_path), "search": CORPUS["search"]})
+    (tmp_path / "runs" / "fuzz").mkdir(parents=True)
+    (tmp_path / "runs" / "fuzz" / SPEC_RECORD).write_text(record)
+    with pytest.raises(ConfigError) as error:
+        check_unchanged(spec)
+    assert error.value.path == "run.name" and "--fresh" in str(error.value)

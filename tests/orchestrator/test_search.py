@@ -52,7 +52,8 @@ def test_a_sweep_may_maximise_throughput(make_trial):
     ],
 )
 def test_bad_sweeps_name_the_path(make_trial, search, path):
-    data = {**make_trial(), "search": {"params": {}, "scheduler": ASHA, **search}}
+    trial = {key: value for key, value in make_trial().items() if key != "scaling"}  # a sweep's is search.resources
+    data = {**trial, "search": {"params": {}, "scheduler": ASHA, **search}}
     with pytest.raises(ConfigError) as error:
         load_sweep(data)
     assert error.value.path == path, str(error.value)

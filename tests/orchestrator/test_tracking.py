@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from orchestrator.tracking import MlflowTuneCallback, SweepTracker
+from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker
 
 
 def test_a_briefly_unreachable_server_loses_nothing_and_raises_nothing(tmp_path):
@@ -105,3 +105,14 @@ def test_reports_a_killed_driver_never_logged_are_recovered_from_the_checkpoint(
     run_id = resumed.run_ids["t1"]
     assert [m.step for m in tracker.client.get_metric_history(run_id, "train_loss")] == [5, 10, 15, 20, 25]
     assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [(10, 89.0), (20, 79.0)]
+
+
+def test_a_fresh_sweep_leaves_the_earlier_runs_out_of_its_record(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    first = SweepTracker(uri, "e", "s")
+    child = first.client.create_run(first.experiment_id, tags={SWEEP_TAG: "s", TRIAL_ID_TAG: "old"}).info.run_id
+    assert SweepTracker(uri, "e", "s").parent_id == first.parent_id  # a resume finds its parent again
+    fresh = SweepTracker(uri, "e", "s", fresh=True)
+    assert fresh.parent_id != first.parent_id
+    retired = fresh.client.get_run(child).data.tags[SWEEP_TAG]
+    assert retired.startswith("s@") and fresh.client.get_run(first.parent_id).data.tags[SWEEP_TAG] == retired

@@ -148,7 +148,7 @@ def test_unwrap_round_trips_through_auto_model_in_a_fresh_python(tiny_llama, tok
         import sys, torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "merged")!r})
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
         with torch.no_grad():
             logits = model(expected["batch"]).logits
         torch.testing.assert_close(logits, expected["logits"], atol=1e-5, rtol=1e-5)
