@@ -157,8 +157,12 @@ def measure(args, method, device, step, restart, optimizer, model, *, world_size
         torch.distributed.all_reduce(state_bytes)
     if rank == 0:
         tokens = args.steps * args.micro_batch * args.seq_len * world_size
+        flops_per_token = relora.train_flops_per_token(model, args.seq_len)
+        peak = relora.peak_flops(device, bf16=args.bf16)
         result = {
             "tokens_per_s": tokens / elapsed,
+            "flops_per_token": flops_per_token,
+            "mfu": relora.mfu(tokens / elapsed, flops_per_token, peak, world_size),
             "step_s": elapsed / args.steps,
             "peak_memory_mb": peak_memory_mb(device),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -200,19 +204,21 @@ def table(args, results: dict) -> str:
         f"DeepSpeed ZeRO-{args.zero_stage} x {args.workers}, {'bf16' if args.bf16 else 'fp32'}",
         "",
         "| mode | method | tokens/s | vs full | s/step | peak MB | trainable params "
-        "| optimizer state MB | vs full | restart / step |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| optimizer state MB | vs full | restart / step | GFLOPs/token | MFU |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode in args.modes:
         full = results[(mode, "full")]
         for method in METHODS:
             r = results[(mode, method)]
             restart = f"{r['restart_s'] / r['step_s']:.2f}" if method == "relora" else ""
+            utilisation = "none (no known peak)" if r["mfu"] is None else f"{r['mfu']:.1%}"
             lines.append(
                 f"| {mode} | {method} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / full['tokens_per_s']:.2f}x "
                 f"| {r['step_s']:.3f} | {r['peak_memory_mb']:.0f} | {r['trainable_params']:,} "
                 f"| {r['optimizer_state_bytes'] / 2**20:.1f} "
-                f"| {r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.0%} | {restart} |"
+                f"| {r['optimizer_state_bytes'] / full['optimizer_state_bytes']:.0%} | {restart} "
+                f"| {r['flops_per_token'] / 1e9:.3f} | {utilisation} |"
             )
     return "\n".join(lines)
 

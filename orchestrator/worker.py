@@ -89,6 +89,7 @@ class Worker:
         self.train_seconds = 0.0
         self.start_weights: dict[str, torch.Tensor] | None = None
         self.last_step_metrics: dict | None = None  # held back for the final report
+        self.flops_per_token, self.peak_flops = 0.0, None  # set with each engine
 
     # --- engine ----------------------------------------------------------------------
 
@@ -117,6 +118,9 @@ class Worker:
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(c, bf16=self.bf16)
         )
+        # What a step costs (the switch to low rank changes it) and what the device could do.
+        self.flops_per_token = relora.train_flops_per_token(self.model, self.data.seq_len)
+        self.peak_flops = relora.peak_flops(self.device, bf16=self.bf16)
 
     def release_engine(self) -> None:
         """Free the old engine: `destroy()` leaves its forward hooks on the module."""
@@ -305,7 +309,12 @@ class Worker:
             self.report({"event": "start", "from_warm_start": True, "nodes": self.nodes(), **self.evaluate()})
         else:
             self.build_engine()
-            self.report({"event": "start", "lr": self.lr, "nodes": self.nodes(), **self.evaluate()})
+            self.report({"event": "start", "lr": self.lr, "nodes": self.nodes(), **self.cost(), **self.evaluate()})
+
+    def cost(self) -> dict:
+        """FLOPs per token of a step and the peak FLOP/s of all ranks' devices (None: not known)."""
+        peak = None if self.peak_flops is None else self.peak_flops * self.world_size
+        return {"flops_per_token": self.flops_per_token, "peak_flops": peak}
 
     def scheduled_event(self) -> dict:
         """The switch to low rank or a restart, if one falls before this step."""
@@ -315,7 +324,13 @@ class Worker:
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             _, layer = next(relora.relora_layers(self.model))
             dtype = str(layer.weight.dtype).removeprefix("torch.")  # bfloat16 under DeepSpeed bf16
-            return {"event": "switch", "at_step": self.step, "trainable_params": trainable, "weight_dtype": dtype}
+            return {
+                "event": "switch",
+                "at_step": self.step,
+                "trainable_params": trainable,
+                "weight_dtype": dtype,
+                **self.cost(),
+            }
         if relora_cfg.restarts_at(self.step):
             return self.restart()
         return {}
@@ -337,6 +352,9 @@ class Worker:
             return False
         tokens_per_step = c.train.global_batch_size * self.data.seq_len
         metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
+        utilisation = relora.mfu(tokens_per_step / elapsed, self.flops_per_token, self.peak_flops, self.world_size)
+        if utilisation is not None:  # none on CPUs: no made-up peak
+            metrics["mfu"] = utilisation
         if self.step % c.train.eval_every == 0 or self.step == end:
             metrics.update(self.evaluate())
         if self.step == c.train.total_steps and not event:

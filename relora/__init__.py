@@ -3,6 +3,7 @@
 Pure PyTorch, usable from any training loop; see README.md for a worked loop.
 """
 
+from relora.flops import mfu, peak_flops, train_flops_per_token
 from relora.layers import (
     LLAMA_TARGET_MODULES,
     HyperparameterError,
@@ -40,14 +41,17 @@ __all__ = [
     "jagged_cosine",
     "jagged_cosine_scheduler",
     "make_optimizer",
+    "mfu",
     "merge",
     "merge_and_reinit",
     "model_config",
     "optimizer_of",
     "param_groups",
+    "peak_flops",
     "relora_layers",
     "reset_optimizer_state",
     "restart",
+    "train_flops_per_token",
     "unwrap",
     "update_rank",
     "update_ranks",

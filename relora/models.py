@@ -38,6 +38,9 @@ def model_config(name: str, *, vocab_size: int = 32000, max_position_embeddings:
         num_hidden_layers=layers,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
+        # PyTorch's fused scaled_dot_product_attention (flash / memory-efficient kernels on GPUs),
+        # asked for by name so that a transformers default can never change it under us.
+        attn_implementation="sdpa",
     )
 
 

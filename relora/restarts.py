@@ -84,6 +84,19 @@ def restart(
     )
 
 
+def fastest_adamw(groups: list[dict]) -> dict:
+    """``fused=True`` where PyTorch has a fused AdamW kernel for the parameters' device (CUDA and,
+    since 2.4, CPU among them): one kernel a step, not one per tensor. Else ``foreach=True``."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    params = [p for group in groups for p in group["params"]]
+    floats = all(p.is_floating_point() for p in params)
+    devices = {p.device.type for p in params}
+    if floats and devices and devices <= set(_get_fused_kernels_supported_devices()):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def make_optimizer(
     model: nn.Module,
     config: ReLoRAConfig,
@@ -99,9 +112,11 @@ def make_optimizer(
     """AdamW over ``param_groups(model)`` and the jagged cosine schedule, positioned at ``step``.
 
     Built again at the switch to low rank (the trainable set changes there). Hand both to
-    ``deepspeed.initialize`` under DeepSpeed, or step them yourself in a plain loop.
+    ``deepspeed.initialize`` under DeepSpeed, or step them yourself in a plain loop. The
+    AdamW is PyTorch's fused one where the device has it (``fastest_adamw``).
     """
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=betas)
+    groups = param_groups(model, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, **fastest_adamw(groups))
     for group in optimizer.param_groups:
         group["initial_lr"] = lr  # what LambdaLR scales when it starts from step > 0
     scheduler = jagged_cosine_scheduler(

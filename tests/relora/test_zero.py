@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import relora
+from relora.restarts import fastest_adamw
 
 STEPS = 3
 
@@ -36,7 +37,8 @@ def _tiny_zero_engine(rank: int, world_size: int, stage: int, lr: float):
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     model = relora.wrap(relora.build_model("llama-tiny", vocab_size=256, max_position_embeddings=32), rank=4, alpha=8)
-    optimizer = torch.optim.AdamW(relora.param_groups(model), lr=lr)
+    groups = relora.param_groups(model)
+    optimizer = torch.optim.AdamW(groups, lr=lr, **fastest_adamw(groups))  # fused, as the trials run it
     config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return model, engine, zero_optimizer
