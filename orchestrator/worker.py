@@ -312,9 +312,9 @@ class Worker:
             self.report({"event": "start", "lr": self.lr, "nodes": self.nodes(), **self.cost(), **self.evaluate()})
 
     def cost(self) -> dict:
-        """FLOPs per token of a step and the peak FLOP/s of all ranks' devices (None: not known)."""
-        peak = None if self.peak_flops is None else self.peak_flops * self.world_size
-        return {"flops_per_token": self.flops_per_token, "peak_flops": peak}
+        """FLOPs per token of a step and, where known, the peak FLOP/s of all ranks' devices."""
+        peak = {} if self.peak_flops is None else {"peak_flops": self.peak_flops * self.world_size}
+        return {"flops_per_token": self.flops_per_token, **peak}
 
     def scheduled_event(self) -> dict:
         """The switch to low rank or a restart, if one falls before this step."""
