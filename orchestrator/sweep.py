@@ -38,7 +38,7 @@ from orchestrator.config import (
 )
 from orchestrator.data import PreparedData, cached_data, prepare_data
 from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
-from orchestrator.train import local_cpu_limit, storage_uri
+from orchestrator.train import check_cluster_resources, local_cpu_limit, storage_uri
 
 log = logging.getLogger("orchestrator.sweep")
 
@@ -129,23 +129,6 @@ def check_local_resources(spec: SweepSpec) -> None:
         )
 
 
-def check_cluster_resources(spec: SweepSpec, cluster: dict[str, float]) -> None:
-    """On a cluster, refuse a trial that could never be placed: Tune would wait for it forever."""
-    scaling = spec.base_config.scaling
-    wanted = {"CPU": scaling.num_workers * scaling.cpus_per_worker + 1}
-    if scaling.use_gpu is True:
-        wanted["GPU"] = scaling.num_workers * scaling.gpus_per_worker
-    for name, amount in scaling.resources_per_worker.items():
-        wanted[name] = scaling.num_workers * amount
-    for name, amount in wanted.items():
-        if amount > cluster.get(name, 0):
-            raise ConfigError(
-                "search.resources",
-                f"one trial needs {amount:g} {name}, and the whole cluster has {cluster.get(name, 0):g} "
-                "(an autoscaling cluster counts only the nodes it has started)",
-            )
-
-
 def init_ray(address: str | None, spec: SweepSpec) -> None:
     """Join a cluster (whose resources must fit a trial), or start a local Ray with enough
     logical CPUs for the concurrent trials.
@@ -159,7 +142,7 @@ def init_ray(address: str | None, spec: SweepSpec) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
-        check_cluster_resources(spec, ray.cluster_resources())
+        check_cluster_resources(spec.base_config.scaling, ray.cluster_resources(), where="search.resources")
         return
     ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus_needed(spec)))
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from orchestrator.config import (
     ConfigError,
     TrialConfig,
@@ -26,6 +28,7 @@ from orchestrator.config import (
     local_path,
     redact,
 )
+from orchestrator.config import ScalingConfig as ScalingSpec
 from orchestrator.data import PreparedData, prepare_data
 
 log = logging.getLogger("orchestrator.train")
@@ -33,6 +36,45 @@ log = logging.getLogger("orchestrator.train")
 
 REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 REPORT_POLL_INTERVAL_S = "0.25"
+
+
+# Where `ray up` leaves the autoscaler's config on the head (both cluster files start Ray with it).
+AUTOSCALING_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def cluster_capacity(current: dict[str, float], config_path: str | None = None) -> dict[str, float]:
+    """What the cluster has now plus what its autoscaler may add (each worker type at its
+    max_workers): an autoscaling cluster starts with no GPU nodes at all."""
+    try:
+        config = yaml.safe_load(Path(config_path or AUTOSCALING_CONFIG).expanduser().read_text())
+    except (OSError, yaml.YAMLError):
+        return current
+    capacity = dict(current)
+    node_types = config.get("available_node_types") if isinstance(config, dict) else None
+    head = config.get("head_node_type") if isinstance(config, dict) else None
+    for name, node_type in (node_types or {}).items():
+        if name == head or not isinstance(node_type, dict):
+            continue
+        for resource, amount in (node_type.get("resources") or {}).items():
+            capacity[resource] = capacity.get(resource, 0) + amount * node_type.get("max_workers", 0)
+    return capacity
+
+
+def check_cluster_resources(scaling: ScalingSpec, cluster: dict[str, float], *, where: str = "scaling") -> None:
+    """On a cluster, refuse a trial that could never be placed: Ray would wait for it forever."""
+    cluster = cluster_capacity(cluster)
+    wanted = {"CPU": scaling.num_workers * scaling.cpus_per_worker + 1}
+    if scaling.use_gpu is True:
+        wanted["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+    for name, amount in scaling.resources_per_worker.items():
+        wanted[name] = scaling.num_workers * amount
+    for name, amount in wanted.items():
+        if amount > cluster.get(name, 0):
+            raise ConfigError(
+                where,
+                f"one trial needs {amount:g} {name}, and the whole cluster has or can add "
+                f"{cluster.get(name, 0):g} (its nodes, plus each autoscaled worker type at its max_workers)",
+            )
 
 
 def init_ray(address: str | None, cfg: TrialConfig) -> None:
@@ -50,6 +92,7 @@ def init_ray(address: str | None, cfg: TrialConfig) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)
+        check_cluster_resources(cfg.scaling, ray.cluster_resources())
         return
     needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)

@@ -135,3 +135,23 @@ def test_secrets_stay_off_the_nodes():
     for name in ("cluster.yaml", "cluster.local.yaml"):
         config = load(name)
         assert config["rsync_filter"] == [".gitignore"], name
+
+
+def test_a_trial_that_fits_the_autoscaled_cluster_is_accepted_before_its_gpu_nodes_start(tmp_path, monkeypatch):
+    """On a fresh `ray up cluster.yaml` only the head runs; the autoscaler's config (what `ray up`
+    leaves on the head) says what it may add: 8 x 4 + 2 x 8 = 48 GPUs."""
+    from orchestrator.config import ConfigError, ScalingConfig
+    from orchestrator.train import check_cluster_resources, cluster_capacity
+
+    bootstrap = tmp_path / "ray_bootstrap_config.yaml"
+    bootstrap.write_text(yaml.safe_dump(check(load("cluster.yaml"))))
+    head_only = {"CPU": 8.0, "relora_trial_driver": 1000.0}
+    capacity = cluster_capacity(head_only, str(bootstrap))
+    assert capacity["GPU"] == 48 and capacity["CPU"] == 8 + 8 * 48 + 2 * 192
+    rank_sweep = ScalingConfig(num_workers=8, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=8)
+    monkeypatch.setattr("orchestrator.train.AUTOSCALING_CONFIG", str(bootstrap))
+    check_cluster_resources(rank_sweep, head_only)  # no GPU node yet, and still placeable
+    too_big = ScalingConfig(num_workers=64, use_gpu=True, gpus_per_worker=1.0, cpus_per_worker=1)
+    with pytest.raises(ConfigError, match="GPU"):
+        check_cluster_resources(too_big, head_only)
+    assert cluster_capacity(head_only, str(tmp_path / "none.yaml")) == head_only  # no autoscaler: what is there
