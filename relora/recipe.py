@@ -66,7 +66,8 @@ class ReLoRAConfig:
         return self.low_rank and step == self.warm_start_steps
 
     def restarts_at(self, step: int) -> bool:
-        """Whether a merge-and-reset happens before optimizer step ``step``."""
+        """Whether a merge-and-reset happens before optimizer step ``step``: the step whose LR the
+        jagged schedule sets to zero (one step earlier than the reference code: relora.optim)."""
         return self.method == "relora" and step > self.warm_start_steps and step % self.restart_every == 0
 
     def restart_steps(self, total_steps: int) -> list[int]:

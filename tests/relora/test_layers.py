@@ -181,10 +181,41 @@ def test_dropout_applies_only_to_the_adapter_path():
     layer = ReLoRALinear(16, 16, rank=4, alpha=4, dropout=0.5)
     assert isinstance(layer.lora_dropout, nn.Dropout)
     assert isinstance(ReLoRALinear(16, 16, rank=4, alpha=4).lora_dropout, nn.Identity)
+    torch.nn.init.normal_(layer.lora_B)  # a live adapter path, so that dropout shows in the output
     x = torch.randn(4, 16)
+    base = nn.functional.linear(x, layer.weight, layer.bias)
     layer.train()
-    # B = 0, so the output is the base path alone, whatever dropout does to the adapter input.
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+    assert not layer._plain_adapter(x), "the fast path has no dropout: it must not be taken"
+    torch.manual_seed(3)
+    out = layer(x)
+    torch.manual_seed(3)
+    expected = base + (nn.functional.dropout(x, 0.5) @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, base + (x @ layer.lora_A.T) @ layer.lora_B.T), "dropout reached the adapter"
+    layer.eval()
+    torch.testing.assert_close(layer(x), base + (x @ layer.lora_A.T) @ layer.lora_B.T)  # no dropout at eval
+
+
+def test_a_merge_with_a_learned_scale_keeps_the_output_and_the_scale():
+    torch.manual_seed(0)
+    layer = ReLoRALinear(16, 12, rank=4, alpha=8, trainable_scaling=True)
+    with torch.no_grad():
+        layer.scaling.fill_(3.0)  # learned away from alpha / rank = 2
+        layer.lora_B.normal_()
+    x = torch.randn(5, 16)
+    before = layer(x).detach()
+    layer.merge_and_reinit()
+    torch.testing.assert_close(layer(x).detach(), before, rtol=1e-5, atol=1e-5)
+    assert float(layer.scaling) == 3.0, "merges keep the learned scale"
+
+
+@pytest.mark.parametrize("trainable_scaling", [False, True])
+def test_the_adapter_parameters_of_a_layer_are_a_b_and_a_learned_scale(trainable_scaling):
+    model = nn.Sequential(nn.Linear(8, 8))
+    relora.wrap(model, rank=2, alpha=4, target_modules=["0"], trainable_scaling=trainable_scaling)
+    layer = model[0]
+    expected = [layer.lora_A, layer.lora_B] + ([layer.scaling] if trainable_scaling else [])
+    assert [id(p) for p in relora.adapter_parameters(model)] == [id(p) for p in expected]
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -154,3 +154,65 @@ def test_reinitialised_adapters_survive_the_next_zero2_step(tmp_path, monkeypatc
         assert reports[0]["checksum"] == reports[1]["checksum"]
     else:  # without the fp32-master sync, DeepSpeed's step writes the old adapters back
         assert not any(r["kept"] or r["b_zero"] for r in reports)
+
+
+def _pruned_entries_worker(rank: int, world_size: int, stage: int, method: str, out_dir: str) -> None:
+    """Give every adapter the same moments whatever the world size (DeepSpeed's own full-state
+    setters), reset, and record which entries of each tensor were zeroed."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    model, engine, zero_optimizer = _tiny_zero_engine(rank, world_size, stage, lr=1e-3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    engine.step()  # the optimizer now has state
+    if stage < 3:  # DeepSpeed links each tensor to its state after the first group's step, when the
+        # later groups have none yet (0.19.8): link again, so that its full-state getters and setters work.
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    adapters = relora.adapter_parameters(model)
+    for i, p in enumerate(adapters):
+        values = torch.randn(p.ds_shape if stage == 3 else p.shape, generator=torch.Generator().manual_seed(i))
+        safe_set_full_optimizer_state(p, values, "exp_avg")
+        safe_set_full_optimizer_state(p, values.abs() + 1.0, "exp_avg_sq")
+    relora.reset_optimizer_state(
+        zero_optimizer, adapters, ratio=0.9, method=method, generator=torch.Generator().manual_seed(5)
+    )
+    report = []
+    for p in adapters:
+        exp_avg = safe_get_full_optimizer_state(p, "exp_avg").flatten()
+        exp_avg_sq = safe_get_full_optimizer_state(p, "exp_avg_sq").flatten()
+        report.append(
+            {
+                "zeroed": (exp_avg == 0).nonzero().flatten().tolist(),
+                "same": bool(torch.equal(exp_avg == 0, exp_avg_sq == 0)),
+            }
+        )
+    if rank == 0:
+        with open(os.path.join(out_dir, f"world{world_size}.json"), "w") as f:
+            json.dump(report, f)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("stage", "method", "world_sizes"), [(2, "magnitude", (1, 2, 4)), (1, "random", (1, 2)), (3, "magnitude", (1, 2))]
+)
+def test_the_pruned_entries_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, stage, method, world_sizes):
+    """Per tensor, 90% of each adapter's moment entries, the same ones with 1, 2 and 4 workers
+    (on 2 and 4 ranks some tensors span two ranks' partitions)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    reports = {}
+    for world_size in world_sizes:
+        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        mp.spawn(_pruned_entries_worker, args=(world_size, stage, method, str(tmp_path)), nprocs=world_size, join=True)
+        reports[world_size] = json.loads((tmp_path / f"world{world_size}.json").read_text())
+    shapes = [
+        p.numel()
+        for p in relora.adapter_parameters(
+            relora.wrap(relora.build_model("llama-tiny", vocab_size=256, max_position_embeddings=32), rank=4, alpha=8)
+        )
+    ]
+    for tensor, numel in enumerate(shapes):
+        assert len(reports[1][tensor]["zeroed"]) == round(0.9 * numel), "ratio of each tensor, not of a pool"
+        assert all(reports[w][tensor]["same"] for w in reports), "one mask for both moments"
+        assert all(reports[w][tensor]["zeroed"] == reports[1][tensor]["zeroed"] for w in world_sizes)
