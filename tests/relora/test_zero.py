@@ -198,7 +198,7 @@ def _pruned_entries_worker(rank: int, world_size: int, stage: int, method: str, 
 )
 def test_the_pruned_entries_do_not_depend_on_the_number_of_workers(tmp_path, monkeypatch, stage, method, world_sizes):
     """Per tensor, 90% of each adapter's moment entries, the same ones with 1, 2 and 4 workers
-    (on 2 and 4 ranks some tensors span two ranks' partitions)."""
+    (with 4 ranks, layer 0's gate_proj B spans two ranks' partitions of the adapter group)."""
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     reports = {}
