@@ -19,7 +19,9 @@ the table, or a run in another precision, has no MFU rather than a guessed one; 
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -62,7 +64,14 @@ def train_flops_per_token(model: nn.Module, seq_len: int) -> float:
 def peak_flops(device: torch.device, *, bf16: bool) -> float | None:
     """The device's peak FLOP/s for this run, or None where it is not known (CPUs, other precisions)."""
     if os.environ.get(PEAK_ENV):
-        return float(os.environ[PEAK_ENV]) * 1e12
+        try:
+            tflops = float(os.environ[PEAK_ENV])
+        except ValueError:
+            tflops = math.nan
+        if math.isfinite(tflops) and tflops > 0:
+            return tflops * 1e12
+        warnings.warn(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r} is not a positive number of TFLOPS: no MFU", stacklevel=2)
+        return None
     if device.type != "cuda" or not bf16:
         return None
     name = torch.cuda.get_device_name(device)

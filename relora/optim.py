@@ -109,11 +109,15 @@ def _gather(flat: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return torch.cat(parts), dist.get_rank(group=group)
 
 
+def _flat_moments(optimizer, flat: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    """The inner optimizer's state of one flat ZeRO partition, and its moments as 1-D views."""
+    state = optimizer.optimizer.state.get(flat, {})
+    return state, [state[key].view(-1) for key in MOMENT_KEYS if key in state]
+
+
 def _prune_zero12_(optimizer, index: int, ratio: float, method: str, generator) -> dict:
     """Per-tensor pruning of one ZeRO-1/2 group, whose flat buffer is split evenly across ranks."""
-    flat = optimizer.single_partition_of_fp32_groups[index]
-    state = optimizer.optimizer.state.get(flat, {})
-    moments = [state[key].view(-1) for key in MOMENT_KEYS if key in state]
+    state, moments = _flat_moments(optimizer, optimizer.single_partition_of_fp32_groups[index])
     if not moments:
         return state
     full, rank = _gather(moments[0], optimizer.real_dp_process_group[index])
@@ -132,9 +136,7 @@ def _prune_zero12_(optimizer, index: int, ratio: float, method: str, generator) 
 
 def _prune_zero3_(optimizer, index: int, ratio: float, method: str, generator) -> dict:
     """Per-tensor pruning of one ZeRO-3 sub-group: each rank holds an equal slice of every tensor."""
-    flat = optimizer.fp32_partitioned_groups_flat[index]
-    state = optimizer.optimizer.state.get(flat, {})
-    moments = [state[key].view(-1) for key in MOMENT_KEYS if key in state]
+    state, moments = _flat_moments(optimizer, optimizer.fp32_partitioned_groups_flat[index])
     if not moments:
         return state
     full, rank = _gather(moments[0], optimizer.dp_process_group)

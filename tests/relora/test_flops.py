@@ -34,6 +34,10 @@ def test_mfu_needs_a_known_peak(monkeypatch):
     monkeypatch.setenv(relora.flops.PEAK_ENV, "100")
     peak = relora.peak_flops(torch.device("cpu"), bf16=False)
     assert peak == 1e14 and relora.mfu(1e5, 1e9, peak, devices=2) == pytest.approx(0.5)
+    for bad in ("nan", "-5", "fast"):
+        monkeypatch.setenv(relora.flops.PEAK_ENV, bad)
+        with pytest.warns(UserWarning, match=relora.flops.PEAK_ENV):
+            assert relora.peak_flops(torch.device("cpu"), bf16=True) is None
 
 
 @pytest.mark.parametrize(
