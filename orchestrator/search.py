@@ -57,6 +57,10 @@ MAX_CHECKED_COMBINATIONS = 4096
 Metric = Literal["val_ppl", "val_loss", "train_loss", "tokens_per_s"]
 METRICS = get_args(Metric)
 VARIANT = "variant"
+# What ASHA counts time in: the step, carried only by evaluations outside a re-warm (a restart's
+# or the switch's; `ReLoRAConfig.rewarming_after`). A rung is judged on a trial's first settled
+# evaluation at or past it, never inside the loss spike that follows a restart.
+SETTLED_STEP = "settled_step"
 
 
 @dataclass(frozen=True)

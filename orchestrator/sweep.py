@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 
@@ -37,7 +38,7 @@ from orchestrator.config import (
     with_storage,
 )
 from orchestrator.data import PreparedData, cached_data, prepare_data
-from orchestrator.search import SweepSpec, load_sweep, resolve_trial, tune_param_space
+from orchestrator.search import SETTLED_STEP, SweepSpec, load_sweep, resolve_trial, tune_param_space
 from orchestrator.train import check_cluster_resources, local_cpu_limit, storage_uri
 
 log = logging.getLogger("orchestrator.sweep")
@@ -93,17 +94,32 @@ def describe(spec: SweepSpec) -> str:
     lines.append(
         f"  scheduler: {sched.type}"
         + (
-            f" on {s.metric} ({s.mode}), grace {sched.grace_period} steps, reduction {sched.reduction_factor}"
+            f" on {s.metric} ({s.mode}), grace {sched.grace_period} steps, reduction {sched.reduction_factor};"
+            f" rungs at steps {asha_rungs(spec)}, each judged on a trial's first evaluation at or past it"
+            f" outside the {spec.base_config.relora.restart_warmup_steps} steps after a restart"
             if sched.type == "asha"
             else ""
         )
     )
+    lines.append(f"  {describe_warm_starts(spec)}")
     data = spec.base_config.data
     repeats = f", at most {data.epochs:g} passes over the data" if data.epochs != 1 else ", each token once"
     lines.append(f"  token budget: {spec.token_budget:,} training tokens per trial at most{repeats}")
     lines.append(f"  storage: {redact(storage_root(spec))}/{spec.base_config.run.name}")
 
     return "\n".join(lines)
+
+
+def describe_warm_starts(spec: SweepSpec) -> str:
+    from orchestrator.warmstart import count_warm_starts
+
+    shared, own = count_warm_starts(spec)
+    steps = spec.base_config.relora.warm_start_steps
+    if own:
+        return f"warm starts: {own} ({steps} full-rank steps each; a sampled setting shapes them: one per trial)"
+    if not shared:
+        return "warm starts: none"
+    return f"warm starts: {shared} ({steps} full-rank steps each, shared by the trials, trained side by side)"
 
 
 def local_cpus_needed(spec: SweepSpec) -> int:
@@ -249,8 +265,20 @@ def make_callback(spec: SweepSpec, data: PreparedData, tracker, warm_starts: dic
     )
 
 
+def asha_rungs(spec: SweepSpec) -> list[int]:
+    """The steps at which ASHA compares trials (as `make_scheduler`'s ASHA computes them)."""
+    sched, max_t = spec.search.scheduler, spec.base_config.train.total_steps - 1
+    count = int(math.log(max_t / sched.grace_period) / math.log(sched.reduction_factor) + 1)
+    return [sched.grace_period * sched.reduction_factor**k for k in range(count)]
+
+
 def make_scheduler(spec: SweepSpec):
-    """ASHA on the sweep's metric at eval steps, or None."""
+    """ASHA on the sweep's metric at eval steps, or None.
+
+    ASHA counts time in `SETTLED_STEP`, which only evaluations outside a re-warm carry: a
+    trial whose rung falls inside the spike after one of its restarts is judged at its next
+    settled evaluation instead. Aligning rungs to restarts cannot work when the trials restart
+    at different periods, and hiding the metric would hide the curve from MLflow too."""
     from ray.tune.schedulers import ASHAScheduler
 
     s = spec.search
@@ -259,7 +287,7 @@ def make_scheduler(spec: SweepSpec):
     return ASHAScheduler(
         metric=s.metric,
         mode=s.mode,
-        time_attr="step",
+        time_attr=SETTLED_STEP,
         grace_period=s.scheduler.grace_period,
         reduction_factor=s.scheduler.reduction_factor,
         # Rungs lie strictly before the last step, and reaching max_t stops nothing: a

@@ -1,9 +1,11 @@
 """The full-rank warm start, trained once per sweep and shared by every trial that can use it.
 
 Two trials can share a warm start when everything that shapes its first
-`relora.warm_start_steps` steps is the same: model, data, seed, optimizer, batch sizes,
-the LR schedule, DeepSpeed settings and the number of workers (which fixes each worker's
-data shard). A hash of exactly those settings names the warm start, so it is computed once,
+`relora.warm_start_steps` steps is the same: model, data, seed, optimizer (with the LR
+envelope: `optim.*` and `train.total_steps`), batch sizes, DeepSpeed settings and the number
+of workers (which fixes each worker's data shard). The warm start follows the plain cosine
+envelope, so the restart period, the re-warm, the reset and the rank do not shape it: one warm
+start serves a whole sweep over them. A hash of exactly those settings names the warm start, so it is computed once,
 found again on resume, and reused by later sweeps of the same settings. A trial started
 from it continues at the switch to low rank, exactly as its own warm start would have
 ended: the switch re-creates the optimizer in both cases.
@@ -25,39 +27,48 @@ log = logging.getLogger(__name__)
 # Config keys that can change a warm start. Everything else (rank, alpha, reset ratio,
 # eval and checkpoint cadence...) only matters after it.
 SHAPING_PREFIXES = ("model.", "data.", "seed", "optim.", "deepspeed.", "scaling.num_workers")
-SHAPING_KEYS = {
-    "train.total_steps",
-    "train.global_batch_size",
-    "train.micro_batch_size",
-    "relora.method",
-    "relora.warm_start_steps",
-    "relora.restart_every",
-    "relora.restart_warmup_steps",
-    "relora.jagged",
-}
+SHAPING_KEYS = {"train.total_steps", "train.global_batch_size", "train.micro_batch_size", "relora.warm_start_steps"}
 
 
 def shapes_warm_start(path: str) -> bool:
     return path in SHAPING_KEYS or path.startswith(SHAPING_PREFIXES)
 
 
-def warm_start_key(cfg: TrialConfig, data: PreparedData) -> str | None:
-    """The content address of ``cfg``'s warm start, or None when it has none."""
+def warm_start_settings(cfg: TrialConfig) -> dict | None:
+    """What shapes ``cfg``'s warm start (the data as configured), or None when it has none."""
     if not cfg.relora.low_rank or cfg.relora.warm_start_steps == 0:
         return None
     c = config_to_dict(cfg)
-    payload = {
+    return {
         "model": c["model"],
-        "data": data.fingerprint,
+        "data": c["data"],
         "seed": c["seed"],
         "optim": c["optim"],
         "deepspeed": c["deepspeed"],
         "workers": cfg.scaling.num_workers,
         "batch": [cfg.train.total_steps, cfg.train.global_batch_size, cfg.train.micro_batch_size],
         "steps": cfg.relora.warm_start_steps,
-        "lr": [cfg.relora.lr_restart_every, cfg.relora.restart_warmup_steps],
     }
+
+
+def warm_start_key(cfg: TrialConfig, data: PreparedData) -> str | None:
+    """The content address of ``cfg``'s warm start, or None when it has none. The prepared
+    data's fingerprint stands for the data settings (a cache moved elsewhere keeps its key)."""
+    settings = warm_start_settings(cfg)
+    if settings is None:
+        return None
+    payload = {**settings, "data": data.fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def count_warm_starts(spec: SweepSpec) -> tuple[int, int]:
+    """(distinct shared warm starts, trials that train their own) for ``--dry-run``."""
+    configs = shareable_configs(spec)
+    if not configs:  # a sampled setting shapes it: every low-rank trial with a warm start trains its own
+        own = spec.num_trials if warm_start_settings(spec.base_config) is not None else 0
+        return 0, own
+    distinct = {json.dumps(s, sort_keys=True) for s in map(warm_start_settings, configs) if s is not None}
+    return len(distinct), 0
 
 
 def shareable_configs(spec: SweepSpec) -> list[TrialConfig]:
@@ -97,28 +108,59 @@ class WarmStartStore:
             f.write(json.dumps({"checkpoint": checkpoint}).encode())
 
 
-def ensure_warm_starts(spec: SweepSpec, data: PreparedData, storage: str, tracker) -> dict[str, str]:
-    """Train each distinct warm start of the sweep that is not stored yet; returns key -> checkpoint."""
-    from orchestrator.train import make_trainer, read_history
+def fit_warm_start(cfg: TrialConfig, data: PreparedData, key: str, storage: str) -> str:
+    """Train one warm start as a Ray Train run of its own; returns its checkpoint's URI."""
+    from orchestrator.train import make_trainer
+
+    result = make_trainer(
+        cfg, data, name=f"warm-starts/{key}", storage_path=storage, stop_at=cfg.relora.warm_start_steps
+    ).fit()
+    checkpoint = result.checkpoint.path
+    if "://" in storage:  # Ray gives the path within the bucket; trials need the URI
+        checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
+    return checkpoint
+
+
+def ensure_warm_starts(
+    spec: SweepSpec, data: PreparedData, storage: str, tracker, max_concurrent: int | None = None
+) -> dict[str, str]:
+    """Train each distinct warm start of the sweep that is not stored yet, side by side; returns
+    key -> checkpoint.
+
+    Each is a Ray Train run driven from a Ray task of its own (no CPU: its workers hold the
+    resources), so Ray places as many at once as the cluster has room for, and queues the rest.
+    At most ``max_concurrent`` (the sweep's ``max_concurrent_trials``) are in flight."""
+    import ray
+
+    from orchestrator.train import read_history
 
     store = WarmStartStore(storage)
     found: dict[str, str] = {}
+    todo: dict[str, TrialConfig] = {}
     for cfg in shareable_configs(spec):
         key = warm_start_key(cfg, data)
-        if key is None or key in found:
+        if key is None or key in found or key in todo:
             continue
         checkpoint = store.get(key)
         if checkpoint is None:
-            print(f"warm start {key}: {cfg.relora.warm_start_steps} full-rank steps, shared by the trials")
-            result = make_trainer(
-                cfg, data, name=f"warm-starts/{key}", storage_path=storage, stop_at=cfg.relora.warm_start_steps
-            ).fit()
-            checkpoint = result.checkpoint.path
-            if "://" in storage:  # Ray gives the path within the bucket; trials need the URI
-                checkpoint = f"{storage.split('://', 1)[0]}://{checkpoint}"
-            tracker.log_warm_start(key, config_to_dict(cfg), read_history(checkpoint), checkpoint)
-            store.put(key, checkpoint)
+            todo[key] = cfg
         else:
             print(f"warm start {key}: reused from {checkpoint}")
+            found[key] = checkpoint
+    limit = max_concurrent or spec.search.max_concurrent_trials
+    fit = ray.remote(num_cpus=0, max_retries=0)(fit_warm_start)
+    waiting, running = list(todo), {}
+    while waiting or running:
+        while waiting and len(running) < limit:
+            key = waiting.pop(0)
+            cfg = todo[key]
+            print(f"warm start {key}: {cfg.relora.warm_start_steps} full-rank steps, shared by the trials")
+            running[fit.remote(cfg, data, key, storage)] = key
+        (done,), _ = ray.wait(list(running), num_returns=1)
+        key = running.pop(done)
+        checkpoint = ray.get(done)
+        tracker.log_warm_start(key, config_to_dict(todo[key]), read_history(checkpoint), checkpoint)
+        store.put(key, checkpoint)
+        print(f"warm start {key}: done ({len(found) + 1} of {len(found) + len(waiting) + len(running) + 1})")
         found[key] = checkpoint
     return found

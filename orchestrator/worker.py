@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 import relora
 from orchestrator.config import TrialConfig
 from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
+from orchestrator.search import SETTLED_STEP
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
 META = "meta.json"  # where the run stands: step, phase, restart count
@@ -233,7 +234,8 @@ class Worker:
         self.model.train()
         dist.all_reduce(totals)
         val_loss = (totals[0] / totals[1]).item()
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        settled = {} if self.cfg.relora.rewarming_after(self.step) else {SETTLED_STEP: self.step}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **settled}
 
     # --- checkpoints -----------------------------------------------------------------
 

@@ -4,7 +4,10 @@ A run is ``total_steps`` optimizer steps. The first ``warm_start_steps`` train t
 whole model (full-rank warm start); then, unless ``method`` is ``"full"``, the target
 layers are wrapped with adapters. With ``method="relora"`` every multiple of
 ``restart_every`` after that is a restart: merge, re-initialise, partially reset the
-adapters' optimizer state, and (with ``jagged``) re-warm the learning rate.
+adapters' optimizer state, and (with ``jagged``) re-warm the learning rate. The switch to
+low rank after a warm start re-warms it too (fresh adapters, a fresh optimizer); the warm
+start itself follows the plain cosine. ``restarts_at`` is the one definition of a restart
+step: the merges and the LR jags (``jag_steps``) both read it.
 Baselines are the same loop with fewer events, so comparisons are fair by construction.
 """
 
@@ -73,7 +76,20 @@ class ReLoRAConfig:
     def restart_steps(self, total_steps: int) -> list[int]:
         return [s for s in range(total_steps) if self.restarts_at(s)]
 
-    @property
-    def lr_restart_every(self) -> int | None:
-        """The ``restart_every`` to give ``jagged_cosine``: None where the LR should not jag."""
-        return self.restart_every if self.method == "relora" and self.jagged else None
+    def jags_at(self, step: int) -> bool:
+        """Whether the LR drops to zero at ``step`` and re-warms: at each restart, and at the
+        switch to low rank when a warm start comes before it."""
+        if not self.jagged:
+            return False
+        return self.restarts_at(step) or (self.warm_start_steps > 0 and self.wraps_at(step))
+
+    def jag_steps(self, total_steps: int) -> list[int]:
+        """The steps ``jagged_cosine`` takes as ``jags``."""
+        return [s for s in range(total_steps) if self.jags_at(s)]
+
+    def rewarming_after(self, steps_done: int) -> bool:
+        """Whether a model evaluated after ``steps_done`` optimizer steps is inside a re-warm:
+        within ``restart_warmup_steps`` after a jag, where the loss spikes. A scheduler that
+        compares trials should not judge one there."""
+        first = max(0, steps_done - self.restart_warmup_steps)
+        return any(self.jags_at(j) for j in range(first, steps_done))

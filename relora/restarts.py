@@ -123,7 +123,7 @@ def make_optimizer(
         optimizer,
         total_steps=total_steps,
         warmup_steps=warmup_steps,
-        restart_every=config.lr_restart_every,
+        jags=config.jag_steps(total_steps),
         restart_warmup_steps=config.restart_warmup_steps,
         min_lr_ratio=min_lr_ratio,
         last_epoch=step - 1,

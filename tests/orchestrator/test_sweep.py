@@ -182,3 +182,62 @@ def test_a_budget_larger_than_the_data_is_refused_before_any_work(make_trial, tm
     assert "the prepared data holds" in line and "set data.epochs:" in line
     assert main([str(path), "--dry-run", "--set", "data.epochs=100"]) == 0  # repetition asked for
     assert "at most 100 passes over the data" in capsys.readouterr().out
+
+
+def test_asha_never_judges_a_trial_inside_its_restart_spike(make_trial, tmp_path, monkeypatch, capsys):
+    """Two trials that restart at different periods (20: jags at the switch and 40; 25: at the
+    switch, 25 and 50), evaluated every 5 steps, ASHA rungs at 25 and 50. At rung 25 both are
+    inside a re-warm (the switch at 20; the restart at 25), so each is judged at its first
+    evaluation past it: 30 and 35. Both trials share one warm start (restart_every does not shape it)."""
+    import ray
+
+    import orchestrator.sweep as sweep
+    from orchestrator.config import config_from_dict
+
+    spec = make_trial(
+        train__total_steps=60, train__eval_every=5, train__checkpoint_every=20, run__name="fair", run__max_failures=0
+    )
+    spec["run"]["storage_path"] = str(tmp_path / "runs")
+    del spec["scaling"]
+    spec["search"] = {
+        "params": {"relora.restart_every": {"grid": [20, 25]}},
+        "scheduler": {"type": "asha", "grace_period": 25, "reduction_factor": 2},
+        "max_concurrent_trials": 2,
+        "resources": {"num_workers": 1},
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    schedulers, make_scheduler = [], sweep.make_scheduler
+
+    def keep_scheduler(s):  # the sweep's own ASHA, kept to read what it recorded
+        schedulers.append(make_scheduler(s))
+        return schedulers[-1]
+
+    monkeypatch.setattr(sweep, "make_scheduler", keep_scheduler)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        assert sweep.main([str(path), "--tracking-uri", tracking]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert "rungs at steps [25, 50]" in out and "warm starts: 1 " in out
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("fair")
+    runs = [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
+    assert len({r.data.tags["warm_start_key"] for r in runs}) == 1 and len(runs) == 2
+    (bracket,) = schedulers[0]._brackets  # what ASHA recorded: trial -> -val_ppl, per rung
+    judged: dict[int, dict[int, int]] = {}
+    for run in runs:
+        period = int(run.data.params["relora.restart_every"])
+        trial = {k: v for k, v in spec.items() if k != "search"}
+        cfg = config_from_dict({**trial, "relora": {**trial["relora"], "restart_every": period}})
+        curve = {m.value: m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")}
+        trial_id = run.data.tags["tune_trial_id"]
+        judged[period] = {rung: curve[-value] for rung, recorded in bracket._rungs if (value := recorded.get(trial_id))}
+        for rung, step in judged[period].items():
+            assert step >= rung and not cfg.relora.rewarming_after(step), (period, rung, step)
+    print("judged at (period: {rung: step}):", judged)
+    assert judged[20][25] == 30 and judged[25][25] == 35, judged

@@ -177,6 +177,32 @@ def test_killed_run_resumes_where_it_stopped(zero2_run, local_ray, make_trial, t
     assert history[-1]["final_val_loss"] == pytest.approx(reference[-1]["final_val_loss"], abs=1e-4)
 
 
+def test_one_warm_start_serves_every_restart_period_exactly(zero2_run, local_ray, make_trial, tmp_path):
+    """Trials that differ only in ``restart_every`` share one warm start, and a trial started from
+    it is, loss for loss, the run that trained its own. The warm start is trained here from the
+    *other* trial's config (a restart every 10 steps, half its 20 full-rank steps): its LR must
+    follow the plain envelope, or its losses would not be the reference run's first 20."""
+    from orchestrator.warmstart import fit_warm_start, warm_start_key
+
+    cfg, data, result, _, _ = zero2_run  # restart every 20: the switch at 20, restarts at 40 and 60
+    reference = _losses(read_history(result.checkpoint.path))
+    other = config_from_dict(make_trial(relora__restart_every=10, relora__restart_warmup_steps=3))
+    assert other.relora.restart_steps(70) == [30, 40, 50, 60] and cfg.relora.restart_steps(70) == [40, 60]
+    assert warm_start_key(other, data) == warm_start_key(cfg, data)
+
+    checkpoint = fit_warm_start(other, data, "shared", str(tmp_path / "runs"))
+    warm = _losses(read_history(checkpoint))
+    assert sorted(warm) == [s for s in sorted(reference) if s <= 20]
+    assert warm == {s: reference[s] for s in warm}, "the shared warm start is the reference run's own"
+
+    shared = make_trainer(cfg, data, name="from-shared", storage_path=str(tmp_path / "runs"), warm_start=checkpoint)
+    history = read_history(shared.fit().checkpoint.path)
+    after = _losses(history)
+    assert sorted(after) == [s for s in sorted(reference) if s > 20]
+    assert after == {s: reference[s] for s in after}, "a trial from the shared warm start is the unshared run"
+    assert [e["at_step"] for e in events(history, "restart")] == [40, 60]
+
+
 def test_bf16_trial_runs_the_full_recipe(bf16_run):
     history = check_recipe(*bf16_run)
     # It really ran in bf16: the merges went into bf16 weights (and check_recipe found them exact).

@@ -49,7 +49,7 @@ def test_make_optimizer_positions_the_schedule_and_groups_the_adapters(tiny_llam
     assert fresh_scheduler.get_last_lr()[0] == pytest.approx(
         1e-2
         * relora.jagged_cosine(
-            5, total_steps=40, warmup_steps=2, restart_every=10, restart_warmup_steps=2, min_lr_ratio=0.1
+            5, total_steps=40, warmup_steps=2, jags=cfg.jag_steps(40), restart_warmup_steps=2, min_lr_ratio=0.1
         )
     )
 

@@ -5,7 +5,7 @@ import torch
 
 import relora
 
-KW = dict(total_steps=1000, warmup_steps=50, restart_every=200, restart_warmup_steps=20, min_lr_ratio=0.1)
+KW = dict(total_steps=1000, warmup_steps=50, jags=(200, 400, 600, 800), restart_warmup_steps=20, min_lr_ratio=0.1)
 
 
 def envelope(step):
@@ -32,9 +32,31 @@ def test_values_at_restart_boundaries(restart):
     assert lr(restart + 100) == pytest.approx(envelope(restart + 100))
 
 
-def test_no_restarts_is_the_plain_cosine():
+def test_no_jags_is_the_plain_cosine():
     for step in range(0, 1000, 37):
-        assert relora.jagged_cosine(step, **{**KW, "restart_every": None}) == pytest.approx(envelope(step))
+        assert relora.jagged_cosine(step, **{**KW, "jags": ()}) == pytest.approx(envelope(step))
+
+
+@pytest.mark.parametrize("restart_every", [100, 300, 500])  # smaller than, equal to, larger than the warm start
+def test_the_warm_start_follows_the_envelope_and_the_lr_jags_at_the_switch_and_each_restart(restart_every):
+    warm_start, total, rewarm = 300, 1000, 20
+    cfg = relora.ReLoRAConfig(warm_start_steps=warm_start, restart_every=restart_every, restart_warmup_steps=rewarm)
+    restarts = cfg.restart_steps(total)
+    lr = lambda s: relora.jagged_cosine(  # noqa: E731
+        s, total_steps=total, warmup_steps=50, jags=cfg.jag_steps(total), restart_warmup_steps=rewarm, min_lr_ratio=0.1
+    )
+    # The full-rank warm start: the plain envelope at every step, whatever the restart period.
+    assert [lr(s) for s in range(warm_start)] == pytest.approx([envelope(s) for s in range(warm_start)])
+    # The switch and each restart: zero, then the climb to the envelope at the climb's end.
+    assert restarts == [s for s in range(warm_start + 1, total) if s % restart_every == 0]
+    for jag in [warm_start, *restarts]:
+        assert lr(jag) == 0.0
+        assert lr(jag + rewarm // 2) == pytest.approx(envelope(jag + rewarm) / 2)
+        assert lr(jag + rewarm) == pytest.approx(envelope(jag + rewarm))
+    # Nowhere else: between the climbs, the envelope.
+    climbing = {s for jag in [warm_start, *restarts] for s in range(jag, jag + rewarm)}
+    rest = [s for s in range(total) if s not in climbing]
+    assert [lr(s) for s in rest] == pytest.approx([envelope(s) for s in rest])
 
 
 def test_scheduler_follows_the_formula():
@@ -53,9 +75,10 @@ def test_scheduler_follows_the_formula():
 @pytest.mark.parametrize(
     ("override", "name"),
     [
-        ({"restart_warmup_steps": 200}, "restart_warmup_steps"),
-        ({"restart_warmup_steps": 300}, "restart_warmup_steps"),
-        ({"restart_every": 0}, "restart_every"),
+        ({"restart_warmup_steps": 0}, "restart_warmup_steps"),
+        ({"jags": (400, 200)}, "jags"),
+        ({"jags": (0, 200)}, "jags"),
+        ({"jags": (200, 1000)}, "jags"),
         ({"total_steps": 0}, "total_steps"),
         ({"warmup_steps": 1000}, "warmup_steps"),
         ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
