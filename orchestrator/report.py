@@ -1,4 +1,5 @@
-"""The end of a sweep: a summary table, plots on the parent run, the best model registered.
+"""The end of a sweep: a summary table, plots on the parent run, the best model registered;
+and the per-layer update ranks of a run as a table and a heatmap.
 
 Everything is read back from MLflow, so a resumed sweep reports on all its trials,
 including those that finished before the interruption.
@@ -102,8 +103,62 @@ def log_plots(client: MlflowClient, parent_id: str, rows: list[dict], swept: lis
     return names
 
 
+def log_summary(client: MlflowClient, parent_id: str, rows: list[dict], swept: list[str], metric: str, mode: str):
+    """The sweep's result on its parent run: the table as `summary.txt` and `summary.csv`, and
+    the best trial's metric (`best_<metric>`) and identity (tags `best_trial`, `best_run_id`)."""
+    import csv
+    import io
+
+    client.log_text(parent_id, summary_table(rows, swept, metric) + "\n", "summary.txt")
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial", "run_id", *swept, f"best_{metric}", "status", "stop_reason"])
+    for r in rows:
+        writer.writerow(
+            [r["trial"], r["run_id"], *(r["params"][p] for p in swept), r["best"], r["status"], r["reason"]]
+        )
+    client.log_text(parent_id, out.getvalue(), "summary.csv")
+    finished = [r for r in rows if math.isfinite(r["best"])]
+    if finished:
+        best = (min if mode == "min" else max)(finished, key=lambda r: r["best"])
+        client.log_metric(parent_id, f"best_{metric}", best["best"])
+        client.set_tag(parent_id, "best_trial", best["trial"])
+        client.set_tag(parent_id, "best_run_id", best["run_id"])
+
+
+def write_rank_artifacts(ranks: dict[int, dict[str, int]], folder: Path) -> list[Path]:
+    """Per-layer update ranks (rank of W_now - W_start) at each restart: `update_ranks.csv`, one row
+    per layer and one column per restart step, and `update_ranks.png`, the same as a heatmap."""
+    steps = sorted(ranks)
+    layers = sorted({layer for by_layer in ranks.values() for layer in by_layer})
+    table = folder / "update_ranks.csv"
+    lines = ["layer," + ",".join(f"step_{s}" for s in steps)]
+    lines += [f"{layer}," + ",".join(str(ranks[s].get(layer, "")) for s in steps) for layer in layers]
+    table.write_text("\n".join(lines) + "\n")
+    values = [[ranks[s].get(layer, math.nan) for s in steps] for layer in layers]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.6 * len(steps), 1.2 + 0.22 * len(layers)))
+    image = ax.imshow(values, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+    ax.set_yticks(range(len(layers)), [layer.removeprefix("model.") for layer in layers], fontsize=6)
+    ax.set_xlabel("restart at step")
+    ax.set_title("update rank per layer", fontsize=9)
+    if len(steps) * len(layers) <= 400:
+        for i, row in enumerate(values):
+            for j, value in enumerate(row):
+                if math.isfinite(value):
+                    ax.text(j, i, f"{value:g}", ha="center", va="center", fontsize=5, color="w")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    heatmap = folder / "update_ranks.png"
+    fig.savefig(heatmap, dpi=120)
+    plt.close(fig)
+    return [table, heatmap]
+
+
 def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) -> tuple[dict, int] | None:
-    """Register the best completed trial's merged checkpoint as a new model version."""
+    """Register the best completed trial's logged MLflow model (`transformers` flavor) as a new
+    version of ``name``; the version links to that logged model. A trial logged before models
+    were (no `logged_model_id` tag) is registered from its plain `merged/` folder."""
     completed = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best"])]
     if not completed:
         return None
@@ -112,6 +167,12 @@ def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) 
         client.get_registered_model(name)
     except Exception:
         client.create_registered_model(name, description="The best merged ReLoRA checkpoint of a sweep")
-    source = f"{client.get_run(best['run_id']).info.artifact_uri}/merged"
-    version = client.create_model_version(name, source=source, run_id=best["run_id"])
+    run = client.get_run(best["run_id"])
+    model_id = run.data.tags.get("logged_model_id")
+    if model_id:
+        version = client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=best["run_id"], model_id=model_id
+        )
+    else:
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=best["run_id"])
     return best, int(version.version)

@@ -379,7 +379,7 @@ def run_sweep(spec: SweepSpec, data: PreparedData, spec_file: str, args: argpars
 
 def summarize(spec: SweepSpec, tracker) -> None:
     """The summary table, the plots on the parent run, and the best model in the registry."""
-    from orchestrator.report import log_plots, register_best, summary_table, trial_rows
+    from orchestrator.report import log_plots, log_summary, register_best, summary_table, trial_rows
 
     s, name = spec.search, spec.base_config.run.name
     swept = list(s.params) + (["variant"] if s.variants else [])
@@ -387,12 +387,27 @@ def summarize(spec: SweepSpec, tracker) -> None:
     print()
     print(summary_table(rows, swept, s.metric))
     log_plots(tracker.client, tracker.parent_id, rows, swept, s.metric)
+    log_summary(tracker.client, tracker.parent_id, rows, swept, s.metric, s.mode)
     registry = s.register_model or registry_name(name)
     registered = register_best(tracker.client, rows, registry, s.mode)
     if registered:
         best, version = registered
         best_value = f"{s.metric} {best['best']:.3f}"
         print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry} version {version}")
+
+
+def print_results_link(tracking_uri: str, experiment_id: str, spec: SweepSpec) -> None:
+    """Where to see the sweep: the MLflow UI's training runs, every trial's curve on one chart."""
+    from orchestrator.tracking import results_url
+
+    def page(base: str) -> str:
+        return results_url(experiment_id, spec.search.metric, spec.search.mode, base=base)
+
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"\nopen the results: {page(redact(tracking_uri))}")
+    else:
+        print(f"\nopen the results: mlflow ui --backend-store-uri {redact(tracking_uri)}")
+        print(f"  then {page('http://127.0.0.1:5000')}")
 
 
 def check_before_work(spec: SweepSpec, args: argparse.Namespace, tracking_uri: str) -> None:
@@ -433,10 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     run_sweep(spec, data, args.spec, args, tracker)
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
-    ui_uri = tracking_uri if tracking_uri.startswith("sqlite") else None
-    print(
-        "\nopen the results:", f"mlflow ui --backend-store-uri {ui_uri}" if ui_uri else f"open {redact(tracking_uri)}"
-    )
+    print_results_link(tracking_uri, tracker.experiment_id, spec)
     return 0
 
 

@@ -14,11 +14,13 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ray.train import UserCallback
 from ray.tune import Callback
 
 from orchestrator.config import flatten, redact
@@ -38,13 +40,83 @@ CURVE_METRICS = (
 )
 TRIAL_ID_TAG = "tune_trial_id"
 SWEEP_TAG = "relora_sweep"
+# What MLflow 3 names a model-training experiment. MLflow 3.17's UI opens on its GenAI view
+# whatever the tag says (it picks the view from the URL's `workflowType`, else from what the
+# browser chose last), so `results_url` is the link that opens the sweep on its training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def results_url(experiment_id: str, metric: str, mode: str, base: str = "") -> str:
+    """The MLflow UI page of an experiment's training runs, in the chart view. Sorting by the
+    metric lists child runs flat (MLflow nests them only when sorted by start time), so every
+    trial's curve is drawn without expanding its parent."""
+    query = (
+        f"workflowType=machine_learning&compareRunsMode=CHART&orderByKey=metrics.%60{metric}%60"
+        f"&orderByAsc={'true' if mode == 'min' else 'false'}"
+    )
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
 def curve_row(report: dict) -> dict[str, float]:
     """The MLflow metrics in one report (a Tune result or a history row), keyed as MLflow names them."""
     row = {k: float(report[k]) for k in CURVE_METRICS if isinstance(report.get(k), (int, float))}
-    row.update({k: float(v) for k, v in report.items() if k.startswith("update_rank/") and isinstance(v, int)})
-    return {k.replace("/", "."): v for k, v in row.items() if math.isfinite(v)}
+    return {k: v for k, v in row.items() if math.isfinite(v)}
+
+
+def layer_ranks(reports: list[dict]) -> dict[int, dict[str, int]]:
+    """Per-layer update ranks by restart step, from the restart events among ``reports``. They are
+    an artifact (`update_ranks/`), not metrics: at 350M they would be 168 curves per run."""
+    ranks: dict[int, dict[str, int]] = {}
+    for report in reports:
+        layers = {k.removeprefix("update_rank/"): v for k, v in report.items() if k.startswith("update_rank/")}
+        if layers and report.get("event") == "restart":
+            ranks[int(report.get("at_step", report.get("step", 0)))] = layers
+    return ranks
+
+
+def config_yaml(config: dict) -> str:
+    """A run's resolved config as YAML that `python -m orchestrator.train` takes as it is
+    (credentials in URIs blanked, as in the params)."""
+    import yaml
+
+    def blank(value):
+        if isinstance(value, dict):
+            return {k: blank(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [blank(v) for v in value]
+        return redact(value) if isinstance(value, str) else value
+
+    return yaml.safe_dump(blank(config), sort_keys=False)
+
+
+def model_requirements() -> list[str]:
+    """What loading the logged model needs, pinned to what wrote it. Given explicitly: MLflow's
+    inference of them loads the model once more, and adds a torchvision that is not installed."""
+    import importlib.metadata as md
+
+    packages = ("mlflow", "transformers", "torch", "tokenizers", "safetensors")
+    return [f"{name}=={md.version(name).split('+')[0]}" for name in packages]
+
+
+def log_transformers_model(tracking_uri: str, run_id: str, merged_dir: str) -> str:
+    """Log a merged Hugging Face folder (model and tokenizer) on ``run_id`` as an MLflow model of
+    the `transformers` flavor for text generation; returns the logged model's id.
+
+    The folder is loaded and passed as objects: MLflow 3.17 cannot take a folder path with
+    transformers 5.24 (its task registry changed)."""
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(merged_dir),
+        "tokenizer": AutoTokenizer.from_pretrained(merged_dir),
+    }
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            components, name="model", task="text-generation", pip_requirements=model_requirements()
+        )
+    return info.model_id
 
 
 def params_of(config: dict) -> list[mlflow.entities.Param]:
@@ -65,10 +137,7 @@ class SweepTracker:
     """The parent run of a sweep, found again by name on resume (no duplicates)."""
 
     def __init__(self, tracking_uri: str, experiment: str, sweep_name: str, *, fresh: bool = False) -> None:
-        self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = tracking_uri
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self._open(tracking_uri, experiment)
         self.sweep_name = sweep_name
         if fresh:
             self.retire_earlier_runs()
@@ -77,6 +146,14 @@ class SweepTracker:
             run_name=sweep_name,
             tags={SWEEP_TAG: sweep_name, "sweep_role": "parent"},
         )
+
+    def _open(self, tracking_uri: str, experiment: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        for key, value in EXPERIMENT_KIND.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def retire_earlier_runs(self) -> int:
         """`--fresh`: an earlier sweep of this name keeps its runs, re-tagged `<name>@<time>`, so that
@@ -117,6 +194,7 @@ class SweepTracker:
         ]
         for i in range(0, max(len(params), len(metrics)), 100):
             self.client.log_batch(run_id, params=params[i : i + 100], metrics=metrics[i : i + 100])
+        self.client.log_text(run_id, config_yaml(config), "config.yaml")
         self.client.set_terminated(run_id)
         return run_id
 
@@ -127,6 +205,63 @@ class SweepTracker:
             run_name=run_name,
             tags={SWEEP_TAG: self.sweep_name, TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": self.parent_id},
         )
+
+
+class TrialTracker(SweepTracker):
+    """One trial without a sweep (`python -m orchestrator.train`): a top-level run of its own in
+    the experiment ``run.name``, found again by its Ray Train run name when the trial resumes."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str) -> None:
+        self._open(tracking_uri, experiment)
+        self.sweep_name, self.parent_id = run_name, None
+
+    def child_run(self, trial_id: str, run_name: str) -> str:
+        return self._find_or_create(
+            f"tags.relora_trial = '{trial_id}'",
+            run_name=run_name,
+            tags={"relora_trial": trial_id, "sweep_role": "trial"},
+        )
+
+
+@dataclass(frozen=True)
+class SingleRun:
+    """What `MlflowTuneCallback` reads of a Tune trial, for a run that has no Tune."""
+
+    trial_id: str
+
+    def __str__(self) -> str:
+        return self.trial_id
+
+
+class MlflowTrainCallback(UserCallback):
+    """Ray Train's side of a single trial: rank 0's reports go to its MLflow run through the
+    same `MlflowTuneCallback` a sweep uses, so the run holds what a sweep's child run holds.
+
+    Ray Train runs its callbacks in the run's controller actor; the MLflow client is made
+    there, at the first report."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, config: dict) -> None:
+        self.tracking_uri, self.experiment, self.run = tracking_uri, experiment, SingleRun(run_name)
+        self.config = config
+        self._recorder: MlflowTuneCallback | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_recorder": None}
+
+    def recorder(self) -> MlflowTuneCallback:
+        if self._recorder is None:
+            tracker = TrialTracker(self.tracking_uri, self.experiment, self.run.trial_id)
+            self._recorder = MlflowTuneCallback(tracker, lambda _: self.config, metric="val_ppl", mode="min")
+        return self._recorder
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        result = dict(metrics[0])
+        if checkpoint is not None:
+            result["checkpoint_path"] = checkpoint.path
+        recorder = self.recorder()
+        recorder.on_trial_result(0, [], self.run, result)
+        if result.get("event") == "done" or result.get("stop_reason"):
+            recorder.on_trial_complete(0, [], self.run)
 
 
 class MlflowTuneCallback(Callback):
@@ -151,11 +286,12 @@ class MlflowTuneCallback(Callback):
         self.nodes: dict[str, set[str]] = {}  # trial -> Ray nodes its workers ran on
         self.resumes: dict[str, list[int]] = {}  # trial -> steps it resumed from a checkpoint at
         self.downloads: list[str] = []  # local copies of checkpoints from object storage
+        self.ranks: dict[str, dict[int, dict[str, int]]] = {}  # trial -> restart step -> layer -> rank
 
     # --- resilient calls -------------------------------------------------------------
 
-    def _call(self, method: str, *args, **kwargs) -> None:
-        """Call ``MlflowClient.<method>`` now, or later if the server is away."""
+    def _call(self, method, *args, **kwargs) -> None:
+        """Call ``MlflowClient.<method>`` (or ``method`` itself) now, or later if the server is away."""
         self.pending.append((method, args, kwargs))
         self.flush()
 
@@ -171,7 +307,7 @@ class MlflowTuneCallback(Callback):
         while self.pending:
             method, args, kwargs = self.pending[0]
             try:
-                getattr(self.client, method)(*args, **kwargs)
+                (method if callable(method) else getattr(self.client, method))(*args, **kwargs)
             except Exception as error:
                 if not is_transient(error):  # a call MLflow refuses will never succeed: drop it alone
                     log.error("MLflow refused %s (%s); the call is dropped", method, error)
@@ -201,6 +337,7 @@ class MlflowTuneCallback(Callback):
             params = params_of(config)
             for i in range(0, len(params), 100):
                 self._call("log_batch", self.run_ids[trial.trial_id], params=params[i : i + 100])
+            self._call("log_text", self.run_ids[trial.trial_id], config_yaml(config), "config.yaml")
             self._call("set_tag", self.run_ids[trial.trial_id], "status", "running")
             key = self.warm_start_of(trial)
             if key:
@@ -221,6 +358,8 @@ class MlflowTuneCallback(Callback):
             self._log_curves(trial, run_id, [result])
         if result.get("event") == "restart" and run_id:
             self._call("set_tag", run_id, "merges", str(result.get("restarts")))
+            self.ranks.setdefault(trial.trial_id, {}).update(layer_ranks([result]))
+            self._log_ranks(run_id, self.ranks[trial.trial_id])
         if result.get("nodes") and run_id:
             self.nodes.setdefault(trial.trial_id, set()).update(result["nodes"].split(","))
             self._call("set_tag", run_id, "ray_nodes", ",".join(sorted(self.nodes[trial.trial_id])))
@@ -230,7 +369,9 @@ class MlflowTuneCallback(Callback):
             steps = self.resumes.setdefault(trial.trial_id, [])
             steps.append(int(result["from_step"]))
             if result.get("resumed_from"):  # what was reported before the checkpoint, all of it
-                self._log_curves(trial, run_id, self._history(result["resumed_from"]))
+                history = self._history(result["resumed_from"])
+                self._log_curves(trial, run_id, history)
+                self.ranks.setdefault(trial.trial_id, {}).update(layer_ranks(history))
             self._call("set_tag", run_id, "resumes", str(len(steps)))
             self._call("set_tag", run_id, "resumed_at_steps", ",".join(map(str, steps)))
 
@@ -255,15 +396,37 @@ class MlflowTuneCallback(Callback):
             from orchestrator.worker import read_history_file
 
             checkpoint = self._local(checkpoint)
-            self._log_curves(trial, run_id, read_history_file(checkpoint))
-            self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")
+            history = read_history_file(checkpoint)
+            self._log_curves(trial, run_id, history)
+            self._log_ranks(run_id, layer_ranks(history))
+            self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")  # plain Hugging Face folder
             self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
+            self._call(self._log_model, run_id, f"{checkpoint}/merged")
         self._call("set_tag", run_id, "status", status)
         self._call("set_tag", run_id, "stop_reason", redact(reason))
         best = self.best_value(trial.trial_id)
         if math.isfinite(best):
             self._call("log_metric", run_id, f"best_{self.metric}", best)
         self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
+
+    def _log_model(self, run_id: str, merged_dir: str) -> None:
+        """The merged checkpoint as an MLflow `transformers` model; its id goes in the run's
+        `logged_model_id` tag, which the registry step reads."""
+        model_id = log_transformers_model(self.tracker.tracking_uri, run_id, merged_dir)
+        self.client.set_tag(run_id, "logged_model_id", model_id)
+
+    def _log_ranks(self, run_id: str, ranks: dict[int, dict[str, int]]) -> None:
+        """`update_ranks/update_ranks.csv` and `.png`: layer x restart, rewritten at each restart."""
+        if not ranks:
+            return
+        import tempfile
+
+        from orchestrator.report import write_rank_artifacts
+
+        folder = tempfile.mkdtemp(prefix="relora-ranks-")
+        self.downloads.append(folder)  # deleted once every MLflow call that reads it has run
+        write_rank_artifacts(ranks, Path(folder))
+        self._call("log_artifacts", run_id, folder, "update_ranks")
 
     def _log_curves(self, trial, run_id: str, reports: list[dict]) -> None:
         """Log each (metric, step) of ``reports`` that the trial's run does not hold yet."""

@@ -24,6 +24,9 @@ from orchestrator.config import (
     TrialConfig,
     check_storage,
     check_token_budget,
+    check_tracking_uri,
+    config_to_dict,
+    default_tracking_uri,
     load_config,
     local_path,
     redact,
@@ -198,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming a run of the same name")
     parser.add_argument("--storage", help="where the run writes (default: $RELORA_STORAGE, else run.storage_path)")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. relora.rank=64"
     )
@@ -210,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.storage, args.set)
         check_storage(storage_uri(cfg.run.storage_path))
+        tracking_uri = absolute_tracking_uri(args.tracking_uri or default_tracking_uri())
+        check_tracking_uri(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             check_local_resources(cfg)
         init_ray(args.address, cfg)
@@ -226,11 +232,21 @@ def main(argv: list[str] | None = None) -> int:
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.fresh else cfg.run.name
     from ray.train import TrainingFailedError
 
+    from orchestrator.tracking import MlflowTrainCallback, TrialTracker, results_url
+
+    record = MlflowTrainCallback(tracking_uri, cfg.run.name, name, config_to_dict(cfg))
     try:
-        result = make_trainer(cfg, data, name=name).fit()
+        result = make_trainer(cfg, data, name=name, callbacks=[record]).fit()
     except TrainingFailedError as error:  # out of retries; running the command again resumes
+        tracker = TrialTracker(tracking_uri, cfg.run.name, name)
+        run_id = tracker.child_run(name, name)
+        tracker.client.set_tag(run_id, "status", "errored")
+        tracker.client.set_tag(run_id, "stop_reason", redact(str(error))[:5000])
+        tracker.client.set_terminated(run_id, "FAILED")
         print(f"trial failed: {error}", file=sys.stderr)
         return 1
+    tracker = TrialTracker(tracking_uri, cfg.run.name, name)
+    run_page = f"#/experiments/{tracker.experiment_id}/runs/{tracker.child_run(name, name)}"
     final = result.metrics
     if final.get("stop_reason"):
         print(f"trial stopped: {final['stop_reason']}", file=sys.stderr)
@@ -239,7 +255,23 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"merged checkpoint (load with AutoModelForCausalLM.from_pretrained): {redact(result.checkpoint.path)}/merged"
     )
+    base = redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    if not tracking_uri.startswith(("http://", "https://")):
+        print(f"MLflow run (mlflow ui --backend-store-uri {redact(tracking_uri)}): {base}/{run_page}")
+    else:
+        print(f"MLflow run: {base.rstrip('/')}/{run_page}")
+    print(f"  its curves: {results_url(tracker.experiment_id, 'val_ppl', 'min', base=base)}")
     return 0
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A local MLflow store as an absolute path: Ray Train logs from its controller actor,
+    whose working directory is not this one."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
 
 
 if __name__ == "__main__":

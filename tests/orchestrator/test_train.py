@@ -264,3 +264,51 @@ def test_reports_are_taken_without_stalling_unless_the_user_tuned_it(make_trial,
     monkeypatch.setenv(REPORT_POLL_ENV, "3")
     make_trainer(cfg, data)
     assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "3"
+
+
+def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, tmp_path):
+    """`python -m orchestrator.train --tracking-uri`: a run with every config key resolved (and a
+    `config.yaml` that the same command takes as it is), the curves, its status, per-layer update
+    ranks as a table and a heatmap, the plain merged folder, and a `transformers` model that
+    generates text through MLflow's own API."""
+    import mlflow
+    import ray
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.config import config_to_dict, flatten, load_config
+    from orchestrator.train import main
+
+    trial = make_trial(train__total_steps=50, run__name="single")  # warm start 20, a restart at 40
+    trial["scaling"]["num_workers"] = 1
+    path = tmp_path / "trial.yaml"
+    path.write_text(yaml.safe_dump(trial))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        assert main([str(path), "--tracking-uri", tracking]) == 0
+    finally:
+        ray.shutdown()
+
+    client = MlflowClient(tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("single").experiment_id])
+    assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+    resolved = flatten(config_to_dict(config_from_dict(trial)))
+    assert run.data.params == {k: str(v) for k, v in resolved.items()}, "every key, defaults included"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [0, 10, 20, 30, 40, 50]
+    assert {"update_rank_mean", "update_rank_max", "train_loss", "lr"} <= set(run.data.metrics)
+    assert not [k for k in run.data.metrics if k.startswith("update_rank.")], "per-layer ranks are an artifact"
+
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    assert load_config(str(local / "config.yaml"), None, []) == config_from_dict(trial)
+    table = (local / "update_ranks" / "update_ranks.csv").read_text().splitlines()
+    assert table[0] == "layer,step_40" and len(table) == 1 + 14  # 2 layers x 7 linears of llama-tiny
+    assert all(int(line.split(",")[1]) > 0 for line in table[1:])
+    assert (local / "update_ranks" / "update_ranks.png").stat().st_size > 1000
+    assert AutoModelForCausalLM.from_pretrained(local / "merged") is not None  # without MLflow too
+
+    mlflow.set_tracking_uri(tracking)
+    generate = mlflow.transformers.load_model(f"models:/{run.data.tags['logged_model_id']}")
+    text = generate("To be, or not", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert text.startswith("To be, or not") and len(text) > len("To be, or not")
