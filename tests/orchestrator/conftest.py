@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -146,23 +148,33 @@ def start_mlflow_server(root: Path, host: str = "127.0.0.1"):
         + ["--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its gunicorn/uvicorn and job workers go with it
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+
+    def stop() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    deadline = time.time() + 300  # a loaded 2-core machine can take minutes to start it
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)
             break
         except OSError:
             if time.time() > deadline or server.poll() is not None:
-                server.kill()
+                stop()
                 raise RuntimeError("mlflow server did not come up") from None
             time.sleep(1)
     try:
         yield uri
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop()
 
 
 @pytest.fixture

@@ -3,15 +3,22 @@ through a real `mlflow server` on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
+import pytest
 import yaml
+from conftest import start_mlflow_server, trial_dict
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
@@ -75,6 +82,14 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlfl
     # One full-rank warm start per LR, each with a run of its own, shared by the two ranks.
     warm = [r for r in nested if r.data.tags.get("sweep_role") == "warm_start"]
     assert len(warm) == len(LRS)
+    # ... trained side by side: their steps' wall times overlap.
+    from orchestrator.train import read_history
+
+    spans = []
+    for run in warm:
+        times = [h["wall_time"] for h in read_history(run.data.tags["checkpoint"]) if "train_loss" in h]
+        spans.append((min(times), max(times)))
+    assert max(start for start, _ in spans) < min(end for _, end in spans), f"one after another: {spans}"
     for run in warm:
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")] == [0, 10, 20]
         sharing = [c for c in children if c.data.tags.get("warm_start_key") == run.data.tags["warm_start_key"]]
@@ -139,6 +154,24 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlfl
     assert len(versions) == 1
     best = min(completed, key=lambda c: c.data.metrics["best_val_ppl"])
     assert versions[0].run_id == best.info.run_id
+    # ... as the logged MLflow model of that trial, which MLflow's own API loads and runs.
+    assert versions[0].source == f"models:/{best.data.tags['logged_model_id']}"
+    mlflow.set_tracking_uri(mlflow_server)
+    generate = mlflow.transformers.load_model("models:/e2e-best/1")
+    assert len(generate("To be", max_new_tokens=5, do_sample=False)[0]["generated_text"]) > len("To be")
+
+    # The parent carries the result: best value and trial, the summary table.
+    assert parent.data.metrics["best_val_ppl"] == best.data.metrics["best_val_ppl"]
+    assert parent.data.tags["best_trial"] == best.data.tags["tune_trial_id"]
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    assert {"summary.txt", "summary.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # Every trial: its config as YAML, and per-layer ranks as a table, not as metrics.
+    for child in children:
+        assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert not [k for k in child.data.metrics if k.startswith("update_rank.")]
+    for child in completed:
+        ranks = {a.path for a in client.list_artifacts(child.info.run_id, "update_ranks")}
+        assert ranks == {"update_ranks/update_ranks.csv", "update_ranks/update_ranks.png"}
 
 
 def test_a_changed_sweep_is_not_resumed_silently(make_trial, tmp_path, capsys):
@@ -184,20 +217,44 @@ def test_a_budget_larger_than_the_data_is_refused_before_any_work(make_trial, tm
     assert "at most 100 passes over the data" in capsys.readouterr().out
 
 
-def test_asha_never_judges_a_trial_inside_its_restart_spike(make_trial, tmp_path, monkeypatch, capsys):
-    """Two trials that restart at different periods (20: jags at the switch and 40; 25: at the
-    switch, 25 and 50), evaluated every 5 steps, ASHA rungs at 25 and 50. At rung 25 both are
-    inside a re-warm (the switch at 20; the restart at 25), so each is judged at its first
-    evaluation past it: 30 and 35. Both trials share one warm start (restart_every does not shape it)."""
+@dataclass
+class FinishedSweep:
+    tracking: str  # the sweep's MLflow store: sqlite:///<root>/mlflow.db
+    spec: dict
+    scheduler: object  # the sweep's own ASHA, kept to read what it recorded
+    out: str  # what the sweep printed
+
+
+class Tee(io.StringIO):
+    """Keeps what is written, and passes it on (to pytest's capture, or the terminal under -s)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+
+@pytest.fixture(scope="module")
+def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
+    """A small finished sweep, run once for the tests that read it (about 100 s): two trials that
+    restart at different periods, under ASHA, recorded in a SQLite MLflow store of their own."""
     import ray
 
     import orchestrator.sweep as sweep
-    from orchestrator.config import config_from_dict
 
-    spec = make_trial(
-        train__total_steps=60, train__eval_every=5, train__checkpoint_every=20, run__name="fair", run__max_failures=0
+    root = tmp_path_factory.mktemp("restart-period-sweep")
+    spec = trial_dict(
+        root,
+        data_cache,
+        train__total_steps=60,
+        train__eval_every=5,
+        train__checkpoint_every=20,
+        run__name="fair",
+        run__max_failures=0,
     )
-    spec["run"]["storage_path"] = str(tmp_path / "runs")
     del spec["scaling"]
     spec["search"] = {
         "params": {"relora.restart_every": {"grid": [20, 25]}},
@@ -205,30 +262,44 @@ def test_asha_never_judges_a_trial_inside_its_restart_spike(make_trial, tmp_path
         "max_concurrent_trials": 2,
         "resources": {"num_workers": 1},
     }
-    path = tmp_path / "sweep.yaml"
+    path = root / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec))
     schedulers, make_scheduler = [], sweep.make_scheduler
 
-    def keep_scheduler(s):  # the sweep's own ASHA, kept to read what it recorded
+    def keep_scheduler(s):
         schedulers.append(make_scheduler(s))
         return schedulers[-1]
 
-    monkeypatch.setattr(sweep, "make_scheduler", keep_scheduler)
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    if ray.is_initialized():
-        ray.shutdown()
-    try:
-        assert sweep.main([str(path), "--tracking-uri", tracking]) == 0
-    finally:
-        ray.shutdown()
-    out = capsys.readouterr().out
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    out = Tee(sys.stdout)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sweep, "make_scheduler", keep_scheduler)
+        mp.chdir(root)  # the store's artifacts (./mlruns) stay beside it, not in the repository
+        if ray.is_initialized():
+            ray.shutdown()
+        try:
+            with contextlib.redirect_stdout(out):
+                assert sweep.main([str(path), "--tracking-uri", tracking]) == 0
+        finally:
+            ray.shutdown()
+    return FinishedSweep(tracking, spec, schedulers[0], out.getvalue())
+
+
+def test_asha_never_judges_a_trial_inside_its_restart_spike(restart_period_sweep):
+    """Two trials that restart at different periods (20: jags at the switch and 40; 25: at the
+    switch, 25 and 50), evaluated every 5 steps, ASHA rungs at 25 and 50. At rung 25 both are
+    inside a re-warm (the switch at 20; the restart at 25), so each is judged at its first
+    evaluation past it: 30 and 35. Both trials share one warm start (restart_every does not shape it)."""
+    from orchestrator.config import config_from_dict
+
+    tracking, spec, out = restart_period_sweep.tracking, restart_period_sweep.spec, restart_period_sweep.out
     assert "rungs at steps [25, 50]" in out and "warm starts: 1 " in out
 
     client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("fair")
     runs = [r for r in client.search_runs([experiment.experiment_id]) if "tune_trial_id" in r.data.tags]
     assert len({r.data.tags["warm_start_key"] for r in runs}) == 1 and len(runs) == 2
-    (bracket,) = schedulers[0]._brackets  # what ASHA recorded: trial -> -val_ppl, per rung
+    (bracket,) = restart_period_sweep.scheduler._brackets  # what ASHA recorded: trial -> -val_ppl, per rung
     judged: dict[int, dict[int, int]] = {}
     for run in runs:
         period = int(run.data.params["relora.restart_every"])
@@ -241,3 +312,86 @@ def test_asha_never_judges_a_trial_inside_its_restart_spike(make_trial, tmp_path
             assert step >= rung and not cfg.relora.rewarming_after(step), (period, rung, step)
     print("judged at (period: {rung: step}):", judged)
     assert judged[20][25] == 30 and judged[25][25] == 35, judged
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium), driven by the playwright package
+
+
+def browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "needs the playwright Python package (pip install -e '.[dev]')"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"needs {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+def test_the_mlflow_ui_shows_the_sweep_and_its_best_model(request, tmp_path):
+    """The link the sweep printed, opened in headless Chromium on a real `mlflow server`: the
+    trial runs are listed and the val_ppl chart draws each trial's curve; the registered model's
+    page shows its version. A screenshot of the chart view is left in tmp_path. Skipped without
+    playwright and Chromium, unless RELORA_REQUIRE_BROWSER=1 (as in .ci/run) makes that a failure."""
+    reason = browser_missing()
+    if reason:
+        if os.environ.get("RELORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"the MLflow UI test cannot run here: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import expect, sync_playwright
+
+    from orchestrator.config import registry_name
+
+    sweep = request.getfixturevalue("restart_period_sweep")
+    client = MlflowClient(sweep.tracking)
+    experiment = client.get_experiment_by_name(sweep.spec["run"]["name"])
+    runs = client.search_runs([experiment.experiment_id])
+    trials = {r.info.run_id: r.info.run_name for r in runs if "tune_trial_id" in r.data.tags}
+    assert len(trials) == 2 and len(set(trials.values())) == 2
+    curves = {  # what the chart must draw: each trial's val_ppl, step by step
+        name: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "val_ppl"), key=lambda m: m.step)]
+        for run_id, name in trials.items()
+    }
+    (link,) = re.findall(r"^  then (http://127\.0\.0\.1:5000/\S+)$", sweep.out, re.MULTILINE)
+    assert f"/#/experiments/{experiment.experiment_id}/" in link
+    registry = registry_name(sweep.spec["run"]["name"])
+    shot = tmp_path / "mlflow-chart-view.png"
+    wait = 60_000  # ms: the UI's first load on a busy 2-core machine
+
+    root = Path(sweep.tracking.removeprefix("sqlite:///")).parent  # the sweep's store: root/mlflow.db
+    with start_mlflow_server(root) as base, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.set_default_timeout(wait)
+        try:
+            page.goto(link.replace("http://127.0.0.1:5000", base))
+            expect(page.get_by_text("matching runs")).to_be_visible(timeout=wait)
+            for run_id, name in trials.items():  # listed flat, not folded under the parent run
+                row = page.locator(f'[role=row][row-id="{run_id}"]').filter(has_text=name)
+                expect(row).to_be_visible(timeout=wait)
+            assistant = page.get_by_role("button", name="Close", exact=True)  # MLflow 3.17's assistant panel, if open
+            if assistant.count() == 1:
+                assistant.click()
+
+            # The val_ppl card (not best_val_ppl's). The charts are drawn as they scroll into view:
+            # the chart search keeps the val_ppl ones, as a user would look for them.
+            page.get_by_placeholder("Search metric charts").fill("val_ppl")
+            title = re.compile(r"^\s*val_ppl\s*$")
+            card = page.locator("[data-testid=experiment-view-compare-runs-card]").filter(has=page.get_by_text(title))
+            expect(card).to_have_count(1, timeout=wait)
+            plot = card.locator(".js-plotly-plot")
+            expect(plot).to_be_visible(timeout=wait)
+            drawn_all = "([el, ns]) => ns.every(n => (el.data || []).some(d => d.name === n && d.y?.length > 1))"
+            page.wait_for_function(drawn_all, arg=[plot.element_handle(), sorted(curves)])
+            series = plot.evaluate("el => el.data.map(d => ({name: d.name, x: [...(d.x || [])], y: [...(d.y || [])]}))")
+            print("the val_ppl chart:", [(s["name"], len(s["y"])) for s in series])
+            for name, curve in curves.items():
+                drawn = [list(zip(s["x"], s["y"], strict=True)) for s in series if s["name"] == name]
+                assert drawn and all(points == curve for points in drawn), (name, curve, drawn)
+            page.wait_for_timeout(500)  # the last frame of plotly's drawing, for the screenshot
+        finally:
+            page.screenshot(path=str(shot))
+            print(f"the chart view: {shot}")
+
+        page.goto(f"{base}/#/models/{registry}")
+        expect(page.locator(f'a[href="#/models/{registry}/versions/1"]')).to_have_text("Version 1", timeout=wait)
+        browser.close()
