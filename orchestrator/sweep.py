@@ -309,6 +309,8 @@ def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
     """A new Tuner for the sweep, or the stored one when the sweep ran before (and ``resume``)."""
     from ray import tune
 
+    from orchestrator.console import console_callback
+
     s = spec.search
     path = f"{storage_root(spec)}/{spec.base_config.run.name}"
     if resume and tune.Tuner.can_restore(path):
@@ -326,7 +328,7 @@ def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
         run_config=tune.RunConfig(
             name=spec.base_config.run.name,
             storage_path=storage_root(spec),
-            callbacks=[callback],
+            callbacks=[callback, console_callback(s.metric, s.mode)],  # our one-line trial events
             verbose=1,
             # A trial whose Tune actor is lost with its node is run again; it resumes from
             # its Ray Train checkpoints (lost workers alone are Ray Train's FailureConfig).
@@ -344,6 +346,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
     parser.add_argument("--storage", help="where trials write (default: $RELORA_STORAGE, else run.storage_path)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
+    parser.add_argument("--verbose", action="store_true", help="also print Ray Train's log line for every report")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. search.num_samples=4"
     )
@@ -434,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(spec))
         if args.dry_run:
             return 0
+        from orchestrator.console import configure as configure_console
+
+        configure_console(verbose=args.verbose)  # before Ray starts: its workers inherit it
         init_ray(args.address, spec)  # a cluster that cannot place a trial is refused here
         data = prepare(spec)
     except ConfigError as error:

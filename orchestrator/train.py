@@ -205,12 +205,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. relora.rank=64"
     )
+    parser.add_argument("--verbose", action="store_true", help="also print Ray Train's log line for every report")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from orchestrator.console import configure as configure_console
+
+    configure_console(verbose=args.verbose)  # before Ray starts: its workers inherit it
     try:
         cfg = load_config(args.config, args.storage, args.set)
         check_storage(storage_uri(cfg.run.storage_path))

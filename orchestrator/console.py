@@ -1,0 +1,247 @@
+"""What a sweep prints: one line per trial event, and none of Ray Train's per-report dumps.
+
+Two parts:
+
+* `TrialEvents` turns a trial's reports (the ``event`` keys `orchestrator.worker` sends)
+  and its end into one line each: start, switch to low rank, restart, resume, done, early
+  stop, failure. `console_callback` wraps it in a Ray Tune `Callback` for the sweep.
+* `configure(verbose)` hides Ray Train's per-report log lines ("Reporting training result
+  N: TrainingReport(... metrics={...})" and "Checkpoint successfully created at: ...").
+  Ray Train logs them in its worker processes, whose output Ray streams to the driver, so
+  the driver's own logging cannot hold them back. Before Ray starts, `configure` names
+  `runtime_env_hook` in ``RAY_RUNTIME_ENV_HOOK``; `ray.init` then adds
+  `quiet_ray_train` as the job's ``worker_process_setup_hook``, which every worker
+  process of the job (on every node) runs at its start: it puts a filter on the two
+  loggers that emit these lines. Ray Train's own logging setup in a worker
+  (`logging.config.dictConfig`) resets levels and handlers but keeps a logger's filters.
+
+This module is imported by every Ray worker process (the setup hook): it imports nothing
+but the standard library at the top.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from pathlib import Path
+
+# Ray Train's per-report lines, by the start of their message.
+QUIET_MESSAGES = ("Reporting training result", "Checkpoint successfully created at")
+RUNTIME_ENV_HOOK_ENV = "RAY_RUNTIME_ENV_HOOK"  # ray._private.ray_constants.RAY_RUNTIME_ENV_HOOK
+CHAINED_HOOK_ENV = "RELORA_CHAINED_RUNTIME_ENV_HOOK"  # a hook the user had set, called first
+RUNTIME_ENV_HOOK = "orchestrator.console.runtime_env_hook"
+SETUP_HOOK = "orchestrator.console.quiet_ray_train"
+SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # where Ray passes a setup hook to the workers
+
+
+# --- quiet Ray Train ----------------------------------------------------------------------
+
+
+class DropReportDumps(logging.Filter):
+    """Drops Ray Train's per-report log records; lets every other record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(QUIET_MESSAGES))
+
+
+def ray_train_loggers() -> list[logging.Logger]:
+    """The loggers that emit the per-report lines, without importing Ray Train.
+
+    `ray/train/v2/_internal/execution/context.py` logs "Reporting training result" through
+    ``logging.getLogger(__file__)`` (a logger named by its path, outside ``ray.train``, so
+    Ray Train's `LoggingConfig` does not reach it); its `storage.py` logs "Checkpoint
+    successfully created" through ``ray.train.v2._internal.execution.storage``."""
+    import ray  # already imported in any Ray process
+
+    context_py = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    return [logging.getLogger(context_py), logging.getLogger("ray.train.v2._internal.execution.storage")]
+
+
+def quiet_ray_train() -> None:
+    """The worker-process setup hook: filter the per-report lines out in this process.
+
+    It never raises: Ray ends a worker whose setup hook fails."""
+    try:
+        for logger in ray_train_loggers():
+            if not any(isinstance(f, DropReportDumps) for f in logger.filters):
+                logger.addFilter(DropReportDumps())
+    except Exception:  # noqa: BLE001 - a noisy worker beats a dead one
+        pass
+
+
+def loud_ray_train() -> None:
+    """Undo `quiet_ray_train` in this process."""
+    for logger in ray_train_loggers():
+        for f in [f for f in logger.filters if isinstance(f, DropReportDumps)]:
+            logger.removeFilter(f)
+
+
+def runtime_env_hook(runtime_env: dict | None) -> dict | None:
+    """`ray.init`'s runtime-env hook: the job's workers run `quiet_ray_train` at their start.
+
+    A hook the user had in ``RAY_RUNTIME_ENV_HOOK`` runs first; a setup hook of the user's
+    own is kept (Ray takes one), and Ray Train's dumps then show."""
+    chained = os.environ.get(CHAINED_HOOK_ENV)
+    if chained:
+        module, _, name = chained.rpartition(".")
+        runtime_env = getattr(importlib.import_module(module), name)(runtime_env)
+    env_vars = (runtime_env or {}).get("env_vars") or {}
+    if runtime_env and (runtime_env.get("worker_process_setup_hook") or SETUP_HOOK_ENV in env_vars):
+        return runtime_env  # a hook of the job's own (set directly, or by a Ray job's supervisor)
+    return {**(runtime_env or {}), "worker_process_setup_hook": SETUP_HOOK}
+
+
+def configure(verbose: bool) -> None:
+    """Call before Ray starts: unless ``verbose``, Ray Train's per-report lines stay hidden
+    in every process of the Ray job (see the module's docstring); with it, they show."""
+    current = os.environ.get(RUNTIME_ENV_HOOK_ENV)
+    if verbose:
+        loud_ray_train()
+        if current == RUNTIME_ENV_HOOK:  # set by an earlier call in this process
+            chained = os.environ.pop(CHAINED_HOOK_ENV, None)
+            if chained:
+                os.environ[RUNTIME_ENV_HOOK_ENV] = chained
+            else:
+                del os.environ[RUNTIME_ENV_HOOK_ENV]
+        return
+    quiet_ray_train()  # this process too
+    if current != RUNTIME_ENV_HOOK:
+        if current:
+            os.environ[CHAINED_HOOK_ENV] = current
+        os.environ[RUNTIME_ENV_HOOK_ENV] = RUNTIME_ENV_HOOK
+
+
+# --- one line per trial event --------------------------------------------------------------
+
+
+def _num(value, spec: str = ".4g") -> str:
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return "?"
+
+
+class TrialEvents:
+    """Formats a trial's events as single lines; knows nothing of Ray (tested on plain dicts).
+
+    ``report`` takes each result a trial reports, ``complete`` and ``error`` its end; each
+    returns the line to print, or None. ``metric``/``mode`` name the ASHA metric, for the
+    best value an early-stopped trial reached."""
+
+    def __init__(self, metric: str = "val_ppl", mode: str = "min") -> None:
+        self.metric, self.mode = metric, mode
+        self.last: dict[str, dict] = {}  # trial id -> its last result
+        self.best: dict[str, float] = {}  # trial id -> its best value of the metric so far
+
+    def report(self, trial_id: str, result: dict) -> str | None:
+        self.last[trial_id] = result
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = self.best.get(trial_id)
+            better = best is None or (value < best if self.mode == "min" else value > best)
+            self.best[trial_id] = value if better else best
+        event = result.get("event")
+        head = f"trial {trial_id}:"
+        if event == "start":
+            where = "from the shared warm start" if result.get("from_warm_start") else "from scratch"
+            return f"{head} started at step {result.get('step', 0)} {where}{self._metric_of(result)}"
+        if event == "switch":
+            params = result.get("trainable_params")
+            trainable = f", {int(params):,} trainable parameters" if isinstance(params, (int, float)) else ""
+            return f"{head} switched to low rank at step {result.get('at_step', result.get('step'))}{trainable}"
+        if event == "restart":
+            return self._restart(head, result)
+        if event == "resume":
+            return f"{head} resumed from its checkpoint at step {result.get('from_step', result.get('step'))}"
+        if event == "done":
+            ppl = result.get("final_val_ppl")
+            final = f", final val_ppl {_num(ppl)}" if ppl is not None else ""
+            return f"{head} done at step {result.get('step')}{final}"
+        if result.get("stop_reason"):
+            return f"{head} stopped: {result['stop_reason']}"
+        return None
+
+    def _metric_of(self, result: dict) -> str:
+        return f", {self.metric} {_num(result[self.metric])}" if self.metric in result else ""
+
+    def _restart(self, head: str, result: dict) -> str:
+        parts = [f"merged {result.get('merged_layers', '?')} layers"]
+        if "reset_fraction" in result:
+            parts.append(f"reset {_num(result['reset_fraction'], '.0%')} of the adapters' optimizer state")
+        if "update_rank_max" in result:
+            mean = f", mean {_num(result['update_rank_mean'], '.1f')}" if "update_rank_mean" in result else ""
+            parts.append(f"update rank max {result['update_rank_max']}{mean}")
+        if result.get("weights_in_sync") is False:
+            parts.append("WEIGHTS OUT OF SYNC across ranks")
+        at = result.get("at_step", result.get("step"))
+        return f"{head} restart {result.get('restarts', '?')} at step {at}: " + ", ".join(parts)
+
+    def complete(self, trial_id: str) -> str | None:
+        """A trial ended without error: done (its line came with the report), stopped on a
+        non-finite loss (likewise), or stopped early by ASHA (said here)."""
+        last = self.last.get(trial_id, {})
+        if last.get("event") == "done" or last.get("stop_reason"):
+            return None
+        best = self.best.get(trial_id)
+        value = f" (best {self.metric} {_num(best)})" if best is not None else ""
+        return f"trial {trial_id}: stopped early by ASHA at step {last.get('step', '?')}{value}"
+
+    def error(self, trial_id: str, message: str | None, *, retrying: bool) -> str:
+        """A trial's failure, on one line: the last line of its error (the exception)."""
+        lines = [line.strip() for line in (message or "").strip().splitlines() if line.strip()]
+        cause = lines[-1] if lines else "no error message"
+        if len(cause) > 300:
+            cause = cause[:297] + "..."
+        step = self.last.get(trial_id, {}).get("step")
+        at = f" after step {step}" if step is not None else ""
+        then = "retrying from its last checkpoint" if retrying else "no retries left"
+        return f"trial {trial_id}: failed{at} ({cause}); {then}"
+
+
+def _error_message(trial) -> str | None:
+    """The trial's error text: Tune's local error file (written before the callbacks run), or
+    the copy in the experiment's storage."""
+    for read in (lambda: Path(trial.error_file).read_text(), trial.get_error):
+        try:
+            text = read()
+        except Exception:  # noqa: BLE001 - the line says "no error message" instead
+            continue
+        if text:
+            return str(text)
+    return None
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def console_callback(metric: str, mode: str, printer=say):
+    """A Ray Tune `Callback` printing `TrialEvents`' lines (Tune runs callbacks on the driver).
+
+    The class is made here so that importing this module (every Ray worker does, for the
+    setup hook) does not import Ray Tune; Tune pickles it with its state by value."""
+    from ray.tune import Callback
+
+    class ConsoleCallback(Callback):
+        def __init__(self) -> None:
+            self.events = TrialEvents(metric, mode)
+
+        def _say(self, line: str | None) -> None:
+            if line:
+                printer(line)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self._say(self.events.report(trial.trial_id, result))
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._say(self.events.complete(trial.trial_id))
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=True))
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=False))
+
+    return ConsoleCallback()
