@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -111,11 +112,23 @@ def log_transformers_model(tracking_uri: str, run_id: str, merged_dir: str) -> s
         "model": AutoModelForCausalLM.from_pretrained(merged_dir),
         "tokenizer": AutoTokenizer.from_pretrained(merged_dir),
     }
+    # The fluent API logs models; it reads a process-wide URI (and MLflow 3 also sets the
+    # MLFLOW_TRACKING_URI variable), so both are put back as they were.
+    from mlflow.tracking._tracking_service import utils as tracking_state  # what set_tracking_uri sets
+
+    before_uri, before_env = tracking_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            components, name="model", task="text-generation", pip_requirements=model_requirements()
-        )
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.transformers.log_model(
+                components, name="model", task="text-generation", pip_requirements=model_requirements()
+            )
+    finally:
+        mlflow.set_tracking_uri(before_uri)  # None: unset, as it was
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
     return info.model_id
 
 

@@ -212,9 +212,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from orchestrator.console import configure as configure_console
-
-    configure_console(verbose=args.verbose)  # before Ray starts: its workers inherit it
     try:
         cfg = load_config(args.config, args.storage, args.set)
         check_storage(storage_uri(cfg.run.storage_path))
@@ -222,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         check_tracking_uri(tracking_uri, "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI")
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             check_local_resources(cfg)
+        from orchestrator.console import configure as configure_console
+
+        configure_console(verbose=args.verbose)  # before Ray starts: its workers inherit it
         init_ray(args.address, cfg)
         data = prepare_data(cfg.data, storage_uri(cfg.run.storage_path), token_target=cfg.token_budget)
         check_token_budget(cfg.token_budget, data.train_blocks, cfg.data)

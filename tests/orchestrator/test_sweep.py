@@ -28,7 +28,7 @@ LRS = [0.003, 0.00003]
 RANKS = [4, 8]
 
 
-def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path):
+def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path, monkeypatch):
     """The sweep end to end, killed mid-run (driver and its local Ray) and run again: each trial
     keeps its one MLflow run and continues from its checkpoint, and the record is whole."""
     spec = make_trial(train__total_steps=60, train__checkpoint_every=10, run__name="e2e", run__max_failures=1)
@@ -156,7 +156,7 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlfl
     assert versions[0].run_id == best.info.run_id
     # ... as the logged MLflow model of that trial, which MLflow's own API loads and runs.
     assert versions[0].source == f"models:/{best.data.tags['logged_model_id']}"
-    mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # MLflow's own API reads it; undone after
     generate = mlflow.transformers.load_model("models:/e2e-best/1")
     assert len(generate("To be", max_new_tokens=5, do_sample=False)[0]["generated_text"]) > len("To be")
 

@@ -266,7 +266,7 @@ def test_reports_are_taken_without_stalling_unless_the_user_tuned_it(make_trial,
     assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "3"
 
 
-def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, tmp_path):
+def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, tmp_path, monkeypatch):
     """`python -m orchestrator.train --tracking-uri`: a run with every config key resolved (and a
     `config.yaml` that the same command takes as it is), the curves, its status, per-layer update
     ranks as a table and a heatmap, the plain merged folder, and a `transformers` model that
@@ -308,7 +308,7 @@ def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_tr
     assert (local / "update_ranks" / "update_ranks.png").stat().st_size > 1000
     assert AutoModelForCausalLM.from_pretrained(local / "merged") is not None  # without MLflow too
 
-    mlflow.set_tracking_uri(tracking)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # MLflow's own API reads it; undone after
     generate = mlflow.transformers.load_model(f"models:/{run.data.tags['logged_model_id']}")
     text = generate("To be, or not", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("To be, or not") and len(text) > len("To be, or not")
