@@ -5,6 +5,10 @@ Two parts:
 * `TrialEvents` turns a trial's reports (the ``event`` keys `orchestrator.worker` sends)
   and its end into one line each: start, switch to low rank, restart, resume, done, early
   stop, failure. `console_callback` wraps it in a Ray Tune `Callback` for the sweep.
+* `configure(verbose)` also turns off the autoscaler's event lines that a driver on a
+  cluster prints every few seconds while Tune holds trials back on purpose ("No available
+  node types can fulfill cluster constraint ..."): ``RAY_SCHEDULER_EVENTS=0``, which Ray
+  reads when it is imported. A value the user set is kept.
 * `configure(verbose)` hides Ray Train's per-report log lines ("Reporting training result
   N: TrainingReport(... metrics={...})" and "Checkpoint successfully created at: ...").
   Ray Train logs them in its worker processes, whose output Ray streams to the driver, so
@@ -34,6 +38,8 @@ CHAINED_HOOK_ENV = "RELORA_CHAINED_RUNTIME_ENV_HOOK"  # a hook the user had set,
 RUNTIME_ENV_HOOK = "orchestrator.console.runtime_env_hook"
 SETUP_HOOK = "orchestrator.console.quiet_ray_train"
 SETUP_HOOK_ENV = "__RAY_WORKER_PROCESS_SETUP_HOOK_ENV_VAR"  # where Ray passes a setup hook to the workers
+AUTOSCALER_EVENTS_ENV = "RAY_SCHEDULER_EVENTS"  # ray._private.ray_constants.AUTOSCALER_EVENTS
+_set_autoscaler_events = False  # whether this process's RAY_SCHEDULER_EVENTS=0 is ours
 
 
 # --- quiet Ray Train ----------------------------------------------------------------------
@@ -95,9 +101,14 @@ def runtime_env_hook(runtime_env: dict | None) -> dict | None:
 
 def configure(verbose: bool) -> None:
     """Call before Ray starts: unless ``verbose``, Ray Train's per-report lines stay hidden
-    in every process of the Ray job (see the module's docstring); with it, they show."""
+    in every process of the Ray job, and so do the autoscaler's event lines (see the module's
+    docstring); with it, they show."""
+    global _set_autoscaler_events
     current = os.environ.get(RUNTIME_ENV_HOOK_ENV)
     if verbose:
+        if _set_autoscaler_events:
+            os.environ.pop(AUTOSCALER_EVENTS_ENV, None)
+            _set_autoscaler_events = False
         loud_ray_train()
         if current == RUNTIME_ENV_HOOK:  # set by an earlier call in this process
             chained = os.environ.pop(CHAINED_HOOK_ENV, None)
@@ -106,6 +117,9 @@ def configure(verbose: bool) -> None:
             else:
                 del os.environ[RUNTIME_ENV_HOOK_ENV]
         return
+    if AUTOSCALER_EVENTS_ENV not in os.environ:
+        os.environ[AUTOSCALER_EVENTS_ENV] = "0"
+        _set_autoscaler_events = True
     quiet_ray_train()  # this process too
     if current != RUNTIME_ENV_HOOK:
         if current:

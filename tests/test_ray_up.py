@@ -187,6 +187,9 @@ def test_ray_up_job_submit_and_ray_down(machine):
                 break
             time.sleep(5)
         assert job.returncode == 0 and "succeeded" in output, output[-6000:] + head_logs(machine)
+        # The sweep driver turns off the autoscaler's "No available node types ..." lines,
+        # which it would otherwise print every 5 s while trials wait for room (orchestrator.console).
+        assert "(autoscaler" not in output, [line for line in output.splitlines() if "(autoscaler" in line][:3]
         (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", output))
         assert job_id in machine.run("ray", "job", "list", "--address", DASHBOARD, timeout=120).stdout
         assert "best trial" in machine.run("ray", "job", "logs", job_id, "--address", DASHBOARD, timeout=120).stdout

@@ -238,6 +238,51 @@ def test_configure_sets_and_undoes_the_hook(monkeypatch):
         console.loud_ray_train()
 
 
+def test_configure_turns_the_autoscaler_events_off_unless_verbose_or_set_by_the_user(monkeypatch):
+    monkeypatch.delenv(console.AUTOSCALER_EVENTS_ENV, raising=False)
+    try:
+        console.configure(verbose=False)
+        assert os.environ[console.AUTOSCALER_EVENTS_ENV] == "0"
+        console.configure(verbose=True)
+        assert console.AUTOSCALER_EVENTS_ENV not in os.environ
+        monkeypatch.setenv(console.AUTOSCALER_EVENTS_ENV, "1")  # the user's choice stays
+        console.configure(verbose=False)
+        assert os.environ[console.AUTOSCALER_EVENTS_ENV] == "1"
+        console.configure(verbose=True)
+        assert os.environ[console.AUTOSCALER_EVENTS_ENV] == "1"
+    finally:
+        console.loud_ray_train()
+
+
+def test_a_driver_that_configured_before_importing_ray_prints_no_autoscaler_events():
+    """What a sweep driver on a cluster does (a subprocess: Ray reads the switch at import):
+    Ray's switch for the autoscaler's event lines is off, and the driver's filter of those
+    lines lets none through; without `configure` the switch is on."""
+    script = textwrap.dedent(
+        """
+        import sys
+        if sys.argv[1] == "configured":
+            from orchestrator.console import configure
+            configure(verbose=False)
+        from ray._private import ray_constants
+        from ray._private.worker import filter_autoscaler_events
+        print(bool(ray_constants.AUTOSCALER_EVENTS))
+        if not ray_constants.AUTOSCALER_EVENTS:
+            line = ":event_summary:No available node types can fulfill cluster constraint"
+            print(list(filter_autoscaler_events([line])))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != console.AUTOSCALER_EVENTS_ENV}
+    printed = {}
+    for mode in ("configured", "plain"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, mode], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        printed[mode] = done.stdout.split()
+    assert printed == {"configured": ["False", "[]"], "plain": ["True"]}
+
+
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 def test_a_real_ray_train_run_hides_its_report_dumps_unless_verbose(tmp_path, verbose):
     """A real TorchTrainer on a fresh local Ray (a subprocess: ray.init reads the hook): the
