@@ -1,14 +1,10 @@
 """What a sweep prints: one line per trial event, and none of Ray Train's per-report dumps.
 
-Two parts:
+Three parts:
 
 * `TrialEvents` turns a trial's reports (the ``event`` keys `orchestrator.worker` sends)
   and its end into one line each: start, switch to low rank, restart, resume, done, early
   stop, failure. `console_callback` wraps it in a Ray Tune `Callback` for the sweep.
-* `configure(verbose)` also turns off the autoscaler's event lines that a driver on a
-  cluster prints every few seconds while Tune holds trials back on purpose ("No available
-  node types can fulfill cluster constraint ..."): ``RAY_SCHEDULER_EVENTS=0``, which Ray
-  reads when it is imported. A value the user set is kept.
 * `configure(verbose)` hides Ray Train's per-report log lines ("Reporting training result
   N: TrainingReport(... metrics={...})" and "Checkpoint successfully created at: ...").
   Ray Train logs them in its worker processes, whose output Ray streams to the driver, so
@@ -18,6 +14,10 @@ Two parts:
   process of the job (on every node) runs at its start: it puts a filter on the two
   loggers that emit these lines. Ray Train's own logging setup in a worker
   (`logging.config.dictConfig`) resets levels and handlers but keeps a logger's filters.
+* `configure(verbose)` also turns off the autoscaler's event lines that a driver on a
+  cluster prints every few seconds while Tune holds trials back on purpose ("No available
+  node types can fulfill cluster constraint ..."): ``RAY_SCHEDULER_EVENTS=0``, which Ray
+  reads when it is imported. A value the user set is kept.
 
 This module is imported by every Ray worker process (the setup hook): it imports nothing
 but the standard library at the top.
