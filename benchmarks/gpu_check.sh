@@ -3,7 +3,8 @@
 # constraint (python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[dev]'):
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. the relora unit tests, tests/relora/test_cuda.py among them (bf16 layer, exact merges, reset,
-#    fused AdamW and SDPA on the device);
+#    fused AdamW and SDPA on the device), and the orchestrator's collectives on NCCL
+#    (tests/orchestrator/test_collectives.py: NCCL serves CUDA tensors only);
 # 2. one llama-60m ReLoRA trial in bf16 on every visible GPU (ZeRO-2 over NCCL), 300 steps, two
 #    restarts; its MFU per step is in the output and in runs/;
 # 3. benchmarks/throughput.py, full-rank against LoRA and ReLoRA, plain and ZeRO-2, bf16, with MFU.
@@ -17,7 +18,7 @@ gpus="$(python -c 'import torch; print(torch.cuda.device_count())')"
 [ "$gpus" -gt 0 ] || { echo "no CUDA device" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpus.csv"
 
-python -m pytest -q -p no:cacheprovider tests/relora 2>&1 | tee "$out/unit-tests.txt"
+python -m pytest -q -p no:cacheprovider tests/relora tests/orchestrator/test_collectives.py 2>&1 | tee "$out/unit-tests.txt"
 
 python -m orchestrator.train benchmarks/gpu_trial.yaml --fresh --storage "$PWD/$out/runs" \
   --set scaling.num_workers="$gpus" --set train.global_batch_size=$((64 * gpus)) 2>&1 | tee "$out/trial.txt"

@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 import relora
+from orchestrator.collectives import barrier, sum_across_ranks
 
 METHODS = ("full", "lora", "relora")
 
@@ -127,7 +128,7 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
         relora.restart(model, engine, reset_ratio=0.99, generator=torch.Generator(device=device).manual_seed(1))
 
     measure(args, method, device, step, restart, zero_optimizer, model, world_size=args.workers, out=out, rank=rank)
-    torch.distributed.barrier()
+    barrier(device)
     torch.distributed.destroy_process_group()  # exiting with the group alive aborts on gloo
 
 
@@ -153,8 +154,8 @@ def measure(args, method, device, step, restart, optimizer, model, *, world_size
         sync()
         restart_seconds = time.perf_counter() - t
     state_bytes = torch.tensor([optimizer_state_bytes(optimizer)], dtype=torch.float64)
-    if world_size > 1:
-        torch.distributed.all_reduce(state_bytes)
+    if world_size > 1:  # on the device the backend serves (NCCL: CUDA only)
+        state_bytes = sum_across_ranks(state_bytes, device)
     if rank == 0:
         tokens = args.steps * args.micro_batch * args.seq_len * world_size
         flops_per_token = relora.train_flops_per_token(model, args.seq_len)

@@ -270,6 +270,14 @@ def _check_relations(cfg: TrialConfig) -> None:
             "must lie in (0, 1]: one DeepSpeed rank uses one GPU (add workers for more), "
             f"got {cfg.scaling.gpus_per_worker}",
         )
+    if cfg.scaling.gpus_per_worker < 1 and cfg.scaling.num_workers > 1 and cfg.scaling.use_gpu is not False:
+        # Ray packs a trial's fractional bundles onto one GPU, and NCCL refuses two ranks there.
+        raise ConfigError(
+            "scaling.gpus_per_worker",
+            f"a fraction ({cfg.scaling.gpus_per_worker}) packs small one-worker trials onto one GPU; "
+            f"a trial of {cfg.scaling.num_workers} workers needs a whole GPU each "
+            "(NCCL refuses two ranks of one process group on one GPU)",
+        )
     per_step = t.micro_batch_size * cfg.scaling.num_workers
     if t.global_batch_size % per_step:
         raise ConfigError(

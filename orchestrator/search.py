@@ -84,6 +84,13 @@ class ResourcesSpec:
                 "must lie in [0, 1]: one DeepSpeed rank uses one GPU (add workers for more), "
                 f"got {self.gpus_per_worker}",
             )
+        if 0 < self.gpus_per_worker < 1 and self.num_workers > 1:
+            raise ConfigError(
+                "search.resources.gpus_per_worker",
+                f"a fraction ({self.gpus_per_worker}) packs one-worker trials onto one GPU; "
+                f"{self.num_workers} workers per trial need a whole GPU each "
+                "(NCCL refuses two ranks of one process group on one GPU)",
+            )
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import relora
+from orchestrator.collectives import gather_across_ranks, gather_objects, sum_across_ranks
 from orchestrator.config import TrialConfig
 from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
 from orchestrator.search import SETTLED_STEP
@@ -60,15 +62,25 @@ def read_history_file(checkpoint_dir: str) -> list[dict]:
 class Worker:
     """One rank of one trial. Plain attributes, one method per stage of the loop."""
 
-    def __init__(self, cfg: TrialConfig, data: PreparedData, report_fn, node_id: str = "") -> None:
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        data: PreparedData,
+        report_fn,
+        node_id: str = "",
+        device: torch.device | None = None,
+    ) -> None:
         self.cfg = cfg
         self.node_id = node_id  # the Ray node this rank runs on, recorded with each start
         self.data = data
         self.report_fn = report_fn
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self.device = self.device or torch.device("cpu")
+        # Ray Train's choice (`ray.train.torch.get_device()`): on a node whose workers share
+        # CUDA_VISIBLE_DEVICES it is not always cuda:<local rank>.
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device or torch.device("cpu")
         precision = cfg.deepspeed.precision
         self.bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
         blocks = load_blocks(data.path, cfg.data.cache_dir)
@@ -90,6 +102,9 @@ class Worker:
         self.train_seconds = 0.0
         self.start_weights: dict[str, torch.Tensor] | None = None
         self.last_step_metrics: dict | None = None  # held back for the final report
+        # Steps whose loss stays on the device until the next report reads it (one host sync
+        # per report, not per step), and the seconds they took, which that read completes.
+        self.unread_steps, self.unread_seconds = 0, 0.0
         self.flops_per_token, self.peak_flops = 0.0, None  # set with each engine
 
     # --- engine ----------------------------------------------------------------------
@@ -116,9 +131,17 @@ class Worker:
             weight_decay=c.optim.weight_decay,
             step=self.step,
         )
+        # DeepSpeed puts the engine on cuda:<LOCAL_RANK> unless told the device: tell it ours.
+        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
         self.engine, _, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(c, bf16=self.bf16)
+            args=args,
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(c, bf16=self.bf16),
         )
+        if self.engine.device != self.device:
+            raise RuntimeError(f"DeepSpeed placed the engine on {self.engine.device}, the worker is on {self.device}")
         # What a step costs (the switch to low rank changes it) and what the device could do.
         self.flops_per_token = relora.train_flops_per_token(self.model, self.data.seq_len)
         self.peak_flops = relora.peak_flops(self.device, bf16=self.bf16)
@@ -163,8 +186,7 @@ class Worker:
         done = relora.restart(
             self.model, self.engine, reset_ratio=r.reset_ratio, reset_method=r.reset_method, generator=generator
         )
-        zeroed_all = torch.tensor([done.reset_fraction], dtype=torch.float64)
-        dist.all_reduce(zeroed_all)
+        zeroed_all = sum_across_ranks([done.reset_fraction], self.device)
         self.restarts += 1
         event = {
             "event": "restart",
@@ -185,21 +207,22 @@ class Worker:
     def weights_in_sync(self) -> bool:
         """Whether every rank holds bit-identical weights and merge residuals (a float64 checksum)."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        checksum = torch.tensor([sum(float(t.detach().double().abs().sum()) for t in tensors)])
-        gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
-        dist.all_gather(gathered, checksum)
-        return all(torch.equal(g, gathered[0]) for g in gathered)
+        checksums = torch.stack([t.detach().double().abs().sum() for t in tensors])  # one per tensor
+        gathered = gather_across_ranks(checksums, self.device)
+        return bool((gathered == gathered[0]).all())
 
     def nodes(self) -> str:
         """The Ray nodes of all ranks, comma-separated: the tracker records where a trial ran."""
-        gathered: list[str] = [""] * self.world_size
-        dist.all_gather_object(gathered, self.node_id)
-        return ",".join(sorted(set(gathered)))
+        return ",".join(sorted(set(gather_objects(self.node_id, self.device))))
 
     # --- steps and evals -------------------------------------------------------------
 
-    def train_step(self) -> float:
-        """One optimizer step over this worker's next samples; returns the mean loss over all workers."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over this worker's next samples.
+
+        Returns the mean loss over all workers as a tensor on the device: reading it waits for
+        the step to finish, so the loop reads it only when it reports.
+        """
         indices = self.sampler.indices(self.step * self.samples_per_step, self.samples_per_step)
         batch = self.train_blocks[indices].to(self.device)
         losses = []
@@ -208,9 +231,7 @@ class Worker:
             self.engine.backward(loss)
             self.engine.step()  # DeepSpeed steps the optimizer and LR at the accumulation boundary
             losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean().reshape(1).cpu()
-        dist.all_reduce(mean)
-        return mean.item() / self.world_size
+        return sum_across_ranks(torch.stack(losses).mean().reshape(1), self.device)[0] / self.world_size
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -221,19 +242,17 @@ class Worker:
             else min(self.cfg.train.eval_blocks, len(self.val_blocks))
         )
         mine = list(range(self.rank, count, self.world_size))
-        totals = torch.zeros(2, dtype=torch.float64)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.model.eval()  # the engine's module: ZeRO 1/2 keep whole weights on every rank
         for start in range(0, len(mine), self.cfg.train.micro_batch_size):
             ids = self.val_blocks[mine[start : start + self.cfg.train.micro_batch_size]].to(self.device)
             logits = self.model(input_ids=ids).logits[:, :-1].float()
             targets = ids[:, 1:]
-            totals[0] += torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), targets.flatten(), reduction="sum"
-            ).item()
+            totals[0] += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
             totals[1] += targets.numel()
         self.model.train()
-        dist.all_reduce(totals)
-        val_loss = (totals[0] / totals[1]).item()
+        loss_sum, tokens = sum_across_ranks(totals, self.device).tolist()  # the one host read
+        val_loss = loss_sum / tokens
         settled = {} if self.cfg.relora.rewarming_after(self.step) else {SETTLED_STEP: self.step}
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), **settled}
 
@@ -337,24 +356,41 @@ class Worker:
             return self.restart()
         return {}
 
+    def reports_after(self, step: int, end: int, event: dict) -> bool:
+        """Whether the step that ends at ``step`` reports (and so reads its loss to the host)."""
+        t = self.cfg.train
+        periodic = any(step % every == 0 for every in (t.eval_every, t.checkpoint_every, t.log_every))
+        return bool(event) or periodic or step in (end, t.total_steps)
+
     def advance(self, end: int) -> bool:
-        """One optimizer step, with its event, report and checkpoint; False if the loss is not finite."""
+        """One optimizer step, with its event, report and checkpoint; False if the loss is not finite.
+
+        Only a step that reports reads its loss (the wait for the device is timed with it), so
+        speed is measured over the steps since the last report and a non-finite loss is caught
+        at the next report, before any checkpoint is written.
+        """
         c = self.cfg
         event = self.scheduled_event()
         lr = self.lr
+        reports = self.reports_after(self.step + 1, end, event)
         started = time.perf_counter()
-        loss = self.train_step()
+        loss_on_device = self.train_step()
+        loss = loss_on_device.item() if reports else None
         elapsed = time.perf_counter() - started
         self.train_seconds += elapsed
+        self.unread_steps, self.unread_seconds = self.unread_steps + 1, self.unread_seconds + elapsed
         self.first_step_at = self.first_step_at or time.time() - elapsed
         self.step += 1
+        if not reports:
+            return True
         if not math.isfinite(loss):
             # Stop, but do not raise: a retry from the last checkpoint would diverge the same way.
             self.report({"train_loss": loss, "stop_reason": f"non-finite training loss ({loss}) at step {self.step}"})
             return False
-        tokens_per_step = c.train.global_batch_size * self.data.seq_len
-        metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_step / elapsed, **event}
-        utilisation = relora.mfu(tokens_per_step / elapsed, self.flops_per_token, self.peak_flops, self.world_size)
+        tokens_per_s = self.unread_steps * c.train.global_batch_size * self.data.seq_len / self.unread_seconds
+        self.unread_steps, self.unread_seconds = 0, 0.0
+        metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, **event}
+        utilisation = relora.mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size)
         if utilisation is not None:  # none on CPUs: no made-up peak
             metrics["mfu"] = utilisation
         if self.step % c.train.eval_every == 0 or self.step == end:
@@ -366,8 +402,7 @@ class Worker:
             return True
         # A checkpoint rides on a report: a checkpoint step reports even between log steps.
         save = self.step % c.train.checkpoint_every == 0 and self.step < end
-        if save or event or "val_loss" in metrics or self.step % c.train.log_every == 0:
-            self.report(metrics, checkpoint=save)
+        self.report(metrics, checkpoint=save)
         return True
 
     def report_finished(self, checkpoint_dir: str) -> None:
@@ -415,6 +450,7 @@ class Worker:
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point; `config` holds the trial config and the prepared data."""
     import ray.train
+    import ray.train.torch
 
     os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # DeepSpeed asserts on it
     import deepspeed
@@ -431,7 +467,9 @@ def train_loop_per_worker(config: dict) -> None:
         saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=saved)
 
-    worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id())
+    # The device Ray Train gave this worker (it made it current); collectives run there too.
+    device = ray.train.torch.get_device()
+    worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id(), device=device)
     options = {"stop_at": config.get("stop_at")}
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:

@@ -128,6 +128,7 @@ def assert_refused_before_ray(config, extra_args: list[str], path: str) -> None:
         ("scaling", "use_gpu", "yes", "must be a valid boolean or 'auto', got 'yes'"),
         ("relora", "reset_ratio", 1.5, "must lie in [0, 1], got 1.5"),
         ("scaling", "gpus_per_worker", 2, "add workers for more"),
+        ("scaling", "gpus_per_worker", 0.5, "a trial of 2 workers needs a whole GPU each"),
     ],
 )
 def test_messages_give_the_value_and_what_it_must_be(make_trial, section, key, value, says):

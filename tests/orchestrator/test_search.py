@@ -104,9 +104,11 @@ def test_gpus_per_worker_is_passed_as_given_and_bounded(make_trial):
     from orchestrator.sweep import describe
     from orchestrator.train import make_trainer
 
-    spec = load_sweep(_sweep(make_trial, resources={"num_workers": 2, "gpus_per_worker": 0.5}))
+    one_worker = _sweep(make_trial, resources={"num_workers": 1, "gpus_per_worker": 0.5})
+    one_worker["scaling"] = {}
+    spec = load_sweep(one_worker)
     assert spec.base_config.scaling.use_gpu is True and spec.base_config.scaling.gpus_per_worker == 0.5
-    assert "2 workers x (1 CPU, 0.5 GPU)" in describe(spec)  # --dry-run prints what Ray is asked for
+    assert "1 workers x (1 CPU, 0.5 GPU)" in describe(spec)  # --dry-run prints what Ray is asked for
     data = PreparedData("/data", "/tokenizer", "f", 256, 64, 100, 10, True)
     trainer = make_trainer(spec.base_config, data, name="t", storage_path="/tmp/unused")
     assert trainer.scaling_config.resources_per_worker["GPU"] == 0.5
@@ -114,6 +116,9 @@ def test_gpus_per_worker_is_passed_as_given_and_bounded(make_trial):
     assert cpu_only.base_config.scaling.use_gpu is False and "(1 CPU, 0 GPU)" in describe(cpu_only)
     with pytest.raises(ConfigError, match=r"^search.resources.gpus_per_worker: must lie in \[0, 1\]"):
         load_sweep(_sweep(make_trial, resources={"gpus_per_worker": 2}))
+    # Two ranks of one trial on one GPU: NCCL would refuse them at the trial's start.
+    with pytest.raises(ConfigError, match=r"^search.resources.gpus_per_worker: a fraction \(0.5\) packs"):
+        load_sweep(_sweep(make_trial, resources={"num_workers": 2, "gpus_per_worker": 0.5}))
 
 
 def test_the_resolved_trial_reaches_the_workers_unchanged(make_trial):
