@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import orchestrator.data as data_module
 from orchestrator.config import DataConfig
@@ -17,7 +18,9 @@ from orchestrator.data import (
     cached_data,
     is_validation,
     load_blocks,
+    pack,
     prepare_data,
+    token_dtype,
 )
 
 pytestmark = pytest.mark.usefixtures("ray_data")  # Ray Data prepares on a local Ray
@@ -103,6 +106,30 @@ def test_blocks_are_packed_token_ids(tmp_path, shakespeare):
     blocks = load_blocks(prepared.path)
     assert blocks["train"][0].shape == (64,) and len(blocks["train"]) == prepared.train_blocks
     assert int(blocks["train"][:].max()) < prepared.vocab_size
+    # On disk in the smallest type that holds the vocabulary, as meta.json says; read as int64.
+    meta = json.loads((Path(prepared.path) / "meta.json").read_text())
+    assert meta["token_dtype"] == "uint16" and meta["format_version"] == data_module.FORMAT_VERSION
+    shard = np.load(next((Path(prepared.path) / "train").glob("*.npy")))
+    assert shard.dtype == np.uint16 and blocks["train"][:].dtype == torch.int64
+
+
+def test_token_ids_take_the_smallest_unsigned_type_that_holds_the_vocabulary():
+    assert token_dtype(65_536) == np.uint16 and token_dtype(65_537) == np.uint32 and token_dtype(50_257) == np.uint16
+    blocks = pack([[1, 2, 65_534], [7]], seq_len=3, eos_id=65_535, dtype=token_dtype(65_536))
+    assert blocks.dtype == np.uint16 and blocks.tolist() == [[1, 2, 65_534], [65_535, 7, 65_535]]
+    assert pack([[100_000]], seq_len=2, eos_id=0).dtype == np.uint32  # no promotion to int64
+    with pytest.raises(OverflowError):  # an id the type cannot hold is refused, never wrapped
+        pack([[65_536]], seq_len=2, eos_id=0, dtype=np.dtype(np.uint16))
+
+
+def test_data_of_an_older_format_is_prepared_again_not_misread(tmp_path, shakespeare, monkeypatch):
+    monkeypatch.setattr(data_module, "FORMAT_VERSION", 2)
+    old = prepare_data(_cfg(tmp_path, shakespeare))
+    monkeypatch.undo()
+    new = prepare_data(_cfg(tmp_path, shakespeare))
+    assert not new.cache_hit and new.path != old.path  # the version is in the fingerprint
+    with pytest.raises(ValueError, match="holds prepared data of format 2, this version reads 3"):
+        load_blocks(old.path)  # and a copied old folder is refused, not read with the wrong type
 
 
 def test_worker_shards_are_disjoint_and_resumable():
