@@ -262,6 +262,7 @@ def make_callback(spec: SweepSpec, data: PreparedData, tracker, warm_starts: dic
         mode=s.mode,
         warm_start_of=shared_warm_start,
         storage=storage_root(spec),
+        live_key="sweep",  # what the callback stored in tuner.pkl resolves to when the sweep resumes
     )
 
 

@@ -2,9 +2,10 @@
 
 All logging happens in the sweep driver, from a Ray Tune callback that sees every
 report of every trial (rank 0's metrics, forwarded by Ray Train's `TuneReportCallback`),
-so each metric is written once, whatever the number of workers. MLflow calls that fail
-(a tracking server that is briefly away) are kept and retried at the next report: they
-never stop a trial.
+so each metric is written once, whatever the number of workers. Tune runs callbacks on the
+event loop that also carries every trial's reports, so the callback's hooks only queue what
+they were given; one recorder thread writes it to MLflow in order, retrying through an
+outage and dropping, with a warning, a call that can never succeed. No trial waits on MLflow.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import json
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +141,15 @@ def params_of(config: dict) -> list[mlflow.entities.Param]:
 
 
 def is_transient(error: Exception) -> bool:
-    """Whether a failed MLflow call may succeed later: not when MLflow refused it (a 4xx answer,
-    such as a changed param value), but after a connection error, a timeout or a 5xx."""
+    """Whether a failed MLflow call may succeed later: after a connection error, a timeout, a
+    5xx or a 429. Not when MLflow refused it (another 4xx, such as a changed param value), nor
+    after any other error (a full disk, a missing file): retrying those would never end."""
+    import requests
+
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return not (400 <= status < 500) or status == 429
-    return True
+    return isinstance(error, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
 
 
 class SweepTracker:
@@ -275,13 +281,56 @@ class MlflowTrainCallback(UserCallback):
         recorder.on_trial_result(0, [], self.run, result)
         if result.get("event") == "done" or result.get("stop_reason"):
             recorder.on_trial_complete(0, [], self.run)
+            recorder.flush()  # the run's end: its record is whole before the controller exits
+
+
+@dataclass(frozen=True)
+class TrialSnapshot:
+    """What the recorder thread needs of a Tune trial, read on Tune's loop (Tune mutates trials)."""
+
+    trial_id: str
+    name: str
+    error_msg: str
+    config: dict | None  # the resolved config, on the first event of the trial only
+    warm_start: str | None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_LIVE_CALLBACKS: dict[str, MlflowTuneCallback] = {}
+
+
+def live_callback(key: str) -> Callback:
+    """What a pickled `MlflowTuneCallback` becomes when unpickled: the one this process made
+    under ``key`` (a restored Tuner records through the driver's callback, with its tracking
+    URI and storage), or a callback that records nothing where there is none."""
+    callback = _LIVE_CALLBACKS.get(key)
+    if callback is None:
+        log.warning("no MLflow callback %r in this process: the restored sweep's trials are not recorded", key)
+        return Callback()
+    return callback
 
 
 class MlflowTuneCallback(Callback):
-    """Writes each trial's params, curves, status and merged checkpoint to its child run."""
+    """Writes each trial's params, curves, status and merged checkpoint to its child run.
+
+    Tune's hooks run on the loop that carries every trial's reports: they only snapshot the
+    trial and queue the event. One recorder thread replays the events in order; an MLflow
+    call that fails for a while (a server away, a 5xx) is retried until it goes through,
+    one that can never succeed is dropped with an error in the log (and kept in `dropped`).
+    `flush()` waits until the queue is written.
+    """
 
     def __init__(
-        self, tracker: SweepTracker, trial_configs, metric: str, mode: str, warm_start_of=None, storage: str = ""
+        self,
+        tracker: SweepTracker,
+        trial_configs,
+        metric: str,
+        mode: str,
+        warm_start_of=None,
+        storage: str = "",
+        live_key: str | None = None,
     ) -> None:
         self.tracker = tracker
         self.storage = storage  # where checkpoint paths live (a local path, or a URI's filesystem)
@@ -295,74 +344,123 @@ class MlflowTuneCallback(Callback):
         self.logged: dict[str, dict[str, set[int]]] = {}
         self.curves: dict[str, list[dict]] = {}
         self.last: dict[str, dict] = {}
-        self.pending: list[tuple] = []  # MLflow calls that failed, retried later
         self.nodes: dict[str, set[str]] = {}  # trial -> Ray nodes its workers ran on
         self.resumes: dict[str, list[int]] = {}  # trial -> steps it resumed from a checkpoint at
-        self.downloads: list[str] = []  # local copies of checkpoints from object storage
         self.ranks: dict[str, dict[int, dict[str, int]]] = {}  # trial -> restart step -> layer -> rank
+        self.dropped: list[str] = []  # the calls that could never succeed, and why
+        self.retry_delays_s = (1, 2, 5, 10, 30)  # waits between tries while MLflow is away
+        self._seen: set[str] = set()  # trials whose config went with an event (Tune's loop only)
+        self._events: queue.Queue = queue.Queue()
+        self._recorder: threading.Thread | None = None
+        self.live_key = live_key
+        if live_key:
+            _LIVE_CALLBACKS[live_key] = self
 
-    # --- resilient calls -------------------------------------------------------------
+    def __reduce__(self):
+        """Tune pickles its callbacks into tuner.pkl: keep only the key, never the tracking URI
+        (credentials and all) or a queue; unpickling resolves to the live callback."""
+        if not self.live_key:
+            raise TypeError("an MlflowTuneCallback without live_key cannot be stored in a Tuner")
+        return live_callback, (self.live_key,)
 
-    def _call(self, method, *args, **kwargs) -> None:
-        """Call ``MlflowClient.<method>`` (or ``method`` itself) now, or later if the server is away."""
-        self.pending.append((method, args, kwargs))
-        self.flush()
+    # --- the recorder thread -----------------------------------------------------------
 
-    def flush(self) -> None:
-        """Run the calls kept for retry, in order; once none is left, delete the downloads."""
-        self._run_pending()
-        if not self.pending:
-            for folder in self.downloads:
-                shutil.rmtree(folder, ignore_errors=True)
-            self.downloads.clear()
+    def _queue(self, handler, *args) -> None:
+        if self._recorder is None or not self._recorder.is_alive():
+            self._recorder = threading.Thread(target=self._record, name="mlflow-recorder", daemon=True)
+            self._recorder.start()
+        self._events.put((handler, args))
 
-    def _run_pending(self) -> None:
-        while self.pending:
-            method, args, kwargs = self.pending[0]
+    def _record(self) -> None:
+        while True:
+            handler, args = self._events.get()
             try:
-                (method if callable(method) else getattr(self.client, method))(*args, **kwargs)
-            except Exception as error:
-                if not is_transient(error):  # a call MLflow refuses will never succeed: drop it alone
-                    log.error("MLflow refused %s (%s); the call is dropped", method, error)
-                    self.pending.pop(0)
-                    continue
-                # The server may be away for a while: keep the call, in order.
-                log.warning("MLflow %s failed (%s); %d calls kept for retry", method, error, len(self.pending))
-                return
-            self.pending.pop(0)
+                handler(*args)
+            except Exception:  # a bug here must not end the thread: later events still go out
+                log.exception("recording %s in MLflow failed", handler.__name__)
+            finally:
+                self._events.task_done()
 
-    def _run_id(self, trial) -> str | None:
+    def flush(self, warn_every_s: float = 60.0) -> None:
+        """Wait until every queued event is in MLflow (or dropped), saying so while MLflow is away."""
+        with self._events.all_tasks_done:
+            while self._events.unfinished_tasks:
+                if not self._events.all_tasks_done.wait(timeout=warn_every_s) and self._events.unfinished_tasks:
+                    log.warning(
+                        "waiting for MLflow at %s: %d trial events not written yet",
+                        redact(self.tracker.tracking_uri),
+                        self._events.unfinished_tasks,
+                    )
+
+    def _call(self, method, *args, **kwargs):
+        """``MlflowClient.<method>`` (or ``method`` itself), retried while MLflow is away; None if dropped."""
+        call = method if callable(method) else getattr(self.client, method)
+        name = getattr(method, "__name__", method)
+        for attempt in range(10**9):
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:
+                if not is_transient(error):
+                    log.error("MLflow call %s failed for good (%s); it is dropped", name, error)
+                    self.dropped.append(f"{name}: {error}")
+                    return None
+                delay = self.retry_delays_s[min(attempt, len(self.retry_delays_s) - 1)]
+                if attempt in (0, 10) or attempt % 100 == 0:
+                    log.warning("MLflow call %s failed (%s); retrying every %s s, nothing is lost", name, error, delay)
+                time.sleep(delay)
+
+    def _run_id(self, trial: TrialSnapshot) -> str | None:
         if trial.trial_id not in self.run_ids:
-            try:
-                self.run_ids[trial.trial_id] = self.tracker.child_run(trial.trial_id, str(trial))
-            except Exception as error:
-                log.warning("MLflow unreachable (%s); trial %s is logged later", error, trial.trial_id)
+            run_id = self._call(self.tracker.child_run, trial.trial_id, str(trial))
+            if run_id is None:
                 return None
-            run_id = self.run_ids[trial.trial_id]
-            run = self.client.get_run(run_id)  # a resumed sweep keeps what the run knew
+            self.run_ids[trial.trial_id] = run_id
+            run = self._call("get_run", run_id)  # a resumed sweep keeps what the run knew
+            metrics = run.data.metrics if run else {}
             self.logged[trial.trial_id] = {
-                key: {m.step for m in self.client.get_metric_history(run_id, key)} for key in run.data.metrics
+                key: {m.step for m in self._call("get_metric_history", run_id, key) or []} for key in metrics
             }
-            tags = run.data.tags
+            tags = run.data.tags if run else {}
             self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
             self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
-            config = self.trial_configs(trial)
-            params = params_of(config)
-            for i in range(0, len(params), 100):
-                self._call("log_batch", self.run_ids[trial.trial_id], params=params[i : i + 100])
-            self._call("log_text", self.run_ids[trial.trial_id], config_yaml(config), "config.yaml")
-            self._call("set_tag", self.run_ids[trial.trial_id], "status", "running")
-            key = self.warm_start_of(trial)
-            if key:
-                self._call("set_tag", self.run_ids[trial.trial_id], "warm_start_key", key)
+            if trial.config is not None:
+                params = params_of(trial.config)
+                for i in range(0, len(params), 100):
+                    self._call("log_batch", run_id, params=params[i : i + 100])
+                self._call("log_text", run_id, config_yaml(trial.config), "config.yaml")
+            self._call("set_tag", run_id, "status", "running")
+            if trial.warm_start:
+                self._call("set_tag", run_id, "warm_start_key", trial.warm_start)
         return self.run_ids[trial.trial_id]
 
-    # --- Tune hooks ------------------------------------------------------------------
+    # --- Tune hooks (on Tune's loop: snapshot and queue, nothing else) -------------------
+
+    def _snapshot(self, trial) -> TrialSnapshot:
+        first = trial.trial_id not in self._seen
+        self._seen.add(trial.trial_id)
+        return TrialSnapshot(
+            trial_id=trial.trial_id,
+            name=str(trial),
+            error_msg=str(getattr(trial, "error_msg", "") or ""),
+            config=self.trial_configs(trial) if first else None,
+            warm_start=self.warm_start_of(trial) if first else None,
+        )
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run_id(trial)
+        self._queue(self._run_id, self._snapshot(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._queue(self._record_result, self._snapshot(trial), dict(result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._queue(self._record_complete, self._snapshot(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._queue(self._record_error, self._snapshot(trial))
+
+    # --- what each event writes (on the recorder thread) --------------------------------
+
+    def _record_result(self, trial: TrialSnapshot, result: dict) -> None:
         run_id = self._run_id(trial)
         step = int(result.get("step", 0))
         self.curves.setdefault(trial.trial_id, []).append({"step": step, **curve_row(result)})
@@ -388,7 +486,7 @@ class MlflowTuneCallback(Callback):
             self._call("set_tag", run_id, "resumes", str(len(steps)))
             self._call("set_tag", run_id, "resumed_at_steps", ",".join(map(str, steps)))
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def _record_complete(self, trial: TrialSnapshot) -> None:
         last = self.last.get(trial.trial_id, {})
         if last.get("event") == "done":
             self._finish(trial, "completed", "reached train.total_steps", checkpoint=last.get("checkpoint_path"))
@@ -398,29 +496,39 @@ class MlflowTuneCallback(Callback):
             reason = f"stopped by ASHA at step {last.get('step')} ({self.metric} {self.best_value(trial.trial_id):.3f})"
             self._finish(trial, "early-stopped", reason)
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "errored", str(getattr(trial, "error_msg", "") or "the trial raised an error")[:5000])
+    def _record_error(self, trial: TrialSnapshot) -> None:
+        self._finish(trial, "errored", (trial.error_msg or "the trial raised an error")[:5000])
 
-    def _finish(self, trial, status: str, reason: str, checkpoint: str | None = None) -> None:
+    def _finish(self, trial: TrialSnapshot, status: str, reason: str, checkpoint: str | None = None) -> None:
         run_id = self._run_id(trial)
         if run_id is None:
             return
         if checkpoint:
-            from orchestrator.worker import read_history_file
-
-            checkpoint = self._local(checkpoint)
-            history = read_history_file(checkpoint)
-            self._log_curves(trial, run_id, history)
-            self._log_ranks(run_id, layer_ranks(history))
-            self._call("log_artifacts", run_id, f"{checkpoint}/merged", "merged")  # plain Hugging Face folder
-            self._call("log_artifact", run_id, f"{checkpoint}/history.jsonl")
-            self._call(self._log_model, run_id, f"{checkpoint}/merged")
+            try:
+                self._log_checkpoint(trial, run_id, checkpoint)
+            except Exception as error:  # the storage, not MLflow: the run's status still goes out
+                log.error("could not log the merged checkpoint %s (%s)", redact(checkpoint), error)
+                self.dropped.append(f"merged checkpoint {redact(checkpoint)}: {error}")
         self._call("set_tag", run_id, "status", status)
         self._call("set_tag", run_id, "stop_reason", redact(reason))
         best = self.best_value(trial.trial_id)
         if math.isfinite(best):
             self._call("log_metric", run_id, f"best_{self.metric}", best)
         self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
+
+    def _log_checkpoint(self, trial: TrialSnapshot, run_id: str, checkpoint: str) -> None:
+        """The final checkpoint's reports, ranks, merged folder and model."""
+        local = self._local(checkpoint)
+        try:
+            history = self._history(local)
+            self._log_curves(trial, run_id, history)
+            self._log_ranks(run_id, layer_ranks(history))
+            self._call("log_artifacts", run_id, f"{local}/merged", "merged")  # plain Hugging Face folder
+            self._call("log_artifact", run_id, f"{local}/history.jsonl")
+            self._call(self._log_model, run_id, f"{local}/merged")
+        finally:
+            if local != checkpoint:  # a download from object storage
+                shutil.rmtree(local, ignore_errors=True)
 
     def _log_model(self, run_id: str, merged_dir: str) -> None:
         """The merged checkpoint as an MLflow `transformers` model; its id goes in the run's
@@ -436,10 +544,9 @@ class MlflowTuneCallback(Callback):
 
         from orchestrator.report import write_rank_artifacts
 
-        folder = tempfile.mkdtemp(prefix="relora-ranks-")
-        self.downloads.append(folder)  # deleted once every MLflow call that reads it has run
-        write_rank_artifacts(ranks, Path(folder))
-        self._call("log_artifacts", run_id, folder, "update_ranks")
+        with tempfile.TemporaryDirectory(prefix="relora-ranks-") as folder:
+            write_rank_artifacts(ranks, Path(folder))
+            self._call("log_artifacts", run_id, folder, "update_ranks")
 
     def _log_curves(self, trial, run_id: str, reports: list[dict]) -> None:
         """Log each (metric, step) of ``reports`` that the trial's run does not hold yet."""
@@ -480,8 +587,7 @@ class MlflowTuneCallback(Callback):
         import pyarrow.fs
 
         fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
-        local = tempfile.mkdtemp(prefix="relora-checkpoint-")
-        self.downloads.append(local)  # deleted once every MLflow call that reads it has run
+        local = tempfile.mkdtemp(prefix="relora-checkpoint-")  # deleted by `_finish` once logged
         # Only what MLflow gets: the merged model and the history, not the DeepSpeed state.
         for name in ("merged", "history.jsonl"):
             pyarrow.fs.copy_files(f"{checkpoint}/{name}", f"{local}/{name}", fs, pyarrow.fs.LocalFileSystem())

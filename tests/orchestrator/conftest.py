@@ -140,9 +140,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def start_mlflow_server(root: Path, host: str = "127.0.0.1"):
+def start_mlflow_server(root: Path, host: str = "127.0.0.1", port: int | None = None):
     """A real `mlflow server` (SQLite store, proxied artifacts under ``root``); yields its URI."""
-    port = free_port()
+    port = port or free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
         + ["--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", str(port), "--workers", "1"],

@@ -1,49 +1,99 @@
-"""The MLflow callback against a real (SQLite) store, with the server made to fail for a while."""
+"""The MLflow callback against real stores: SQLite, and a real server stopped and started again."""
 
 from types import SimpleNamespace
 
-from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker
+import pytest
+from conftest import start_mlflow_server
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker, is_transient
 
 
-def test_a_briefly_unreachable_server_loses_nothing_and_raises_nothing(tmp_path):
-    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
-    callback = MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min")
+def _callback(uri: str, **kwargs) -> MlflowTuneCallback:
+    tracker = SweepTracker(uri, experiment="e", sweep_name="s")
+    callback = MlflowTuneCallback(
+        tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min", **kwargs
+    )
+    callback.retry_delays_s = (0.2, 0.5)
+    return callback
+
+
+def test_a_trial_never_waits_on_a_stopped_server_and_loses_nothing_when_it_returns(tmp_path, monkeypatch):
+    """A real `mlflow server`, stopped and started again on the same port and store."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries would take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     trial = SimpleNamespace(trial_id="t1", error_msg="")
-    callback.on_trial_start(0, [], trial)
-
-    real_log_batch = tracker.client.log_batch
-    outage = {"calls": 0}
-
-    def failing_log_batch(*args, **kwargs):
-        outage["calls"] += 1
-        raise ConnectionError("tracking server unreachable")
-
-    tracker.client.log_batch = failing_log_batch
-    for step in (10, 20):  # reports arrive while the server is away: no exception reaches Tune
+    with start_mlflow_server(tmp_path) as uri:
+        callback = _callback(uri)
+        callback.on_trial_start(0, [], trial)
+        callback.on_trial_result(0, [], trial, {"step": 10, "val_ppl": 90.0, "train_loss": 5.0})
+        callback.flush()
+    # The server is down: Tune's hooks only queue; the recorder thread keeps trying.
+    for step in (20, 30):
         callback.on_trial_result(0, [], trial, {"step": step, "val_ppl": 100.0 - step, "train_loss": 5.0})
-    assert outage["calls"] >= 1 and callback.pending
+    callback.on_trial_complete(0, [], trial)
+    assert callback._events.unfinished_tasks >= 1, "the hooks returned before MLflow took their events"
+    with start_mlflow_server(tmp_path, port=int(uri.rsplit(":", 1)[1])):
+        callback.flush()
+        client = MlflowClient(uri)
+        run_id = callback.run_ids["t1"]
+        assert [m.step for m in client.get_metric_history(run_id, "val_ppl")] == [10, 20, 30]
+        run = client.get_run(run_id)
+        assert run.data.params["relora.rank"] == "4" and run.data.tags["status"] == "early-stopped"
+        assert run.info.status == "FINISHED" and callback.dropped == []
 
-    tracker.client.log_batch = real_log_batch  # the server is back
-    callback.on_trial_result(0, [], trial, {"step": 30, "val_ppl": 60.0, "train_loss": 4.0})
-    assert not callback.pending
-    run_id = callback.run_ids["t1"]
-    assert [m.step for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [10, 20, 30]
-    assert tracker.client.get_run(run_id).data.params["relora.rank"] == "4"
 
-
-def test_a_call_mlflow_refuses_is_dropped_without_blocking_the_rest(tmp_path):
-    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
-    callback = MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min")
+def test_a_call_that_can_never_succeed_is_dropped_with_a_warning_and_the_rest_goes_on(tmp_path, caplog):
+    callback = _callback(f"sqlite:///{tmp_path}/mlflow.db")
     trial = SimpleNamespace(trial_id="t1", error_msg="")
     callback.on_trial_start(0, [], trial)
+    callback.flush()
     run_id = callback.run_ids["t1"]
-    # MLflow refuses to change a logged param: that call can never succeed, at any retry.
-    callback._call("log_param", run_id, "relora.rank", "8")
+    # MLflow refuses to change a logged param; a missing folder (as after a full disk) fails the
+    # same way at every try. Neither is retried, neither stops what comes after.
+    assert callback._call("log_param", run_id, "relora.rank", "8") is None
+    assert callback._call("log_artifact", run_id, str(tmp_path / "gone.txt")) is None
+    checkpoint = tmp_path / "checkpoint_000007"  # a final checkpoint whose files are gone
+    checkpoint.mkdir()
     callback.on_trial_result(0, [], trial, {"step": 10, "val_ppl": 50.0, "event": "restart", "restarts": 1})
-    assert not callback.pending
-    run = tracker.client.get_run(run_id)
+    callback.on_trial_result(0, [], trial, {"step": 20, "event": "done", "checkpoint_path": str(checkpoint)})
+    callback.on_trial_complete(0, [], trial)
+    callback.flush()
+    run = callback.client.get_run(run_id)
     assert run.data.params["relora.rank"] == "4" and run.data.tags["merges"] == "1"
-    assert [m.value for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [50.0]
+    assert run.data.tags["status"] == "completed" and run.info.status == "FINISHED"
+    assert [m.value for m in callback.client.get_metric_history(run_id, "val_ppl")] == [50.0]
+    dropped = [d.split(":")[0] for d in callback.dropped]
+    assert dropped == ["log_param", "log_artifact", "log_artifact", "_log_model"]
+    assert "failed for good" in caplog.text and "it is dropped" in caplog.text
+
+
+def test_transient_failures_are_told_from_permanent_ones():
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
+
+    assert is_transient(ConnectionError("refused")) and is_transient(requests.ConnectionError("reset"))
+    assert is_transient(MlflowException("server error", error_code=INTERNAL_ERROR))
+    assert is_transient(MlflowException("slow down", error_code=REQUEST_LIMIT_EXCEEDED))  # 429
+    assert not is_transient(MlflowException("changed param", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_transient(OSError(28, "No space left on device")) and not is_transient(ValueError("bad"))
+
+
+def test_a_restored_tuner_records_through_the_live_callback_and_tuner_pkl_holds_no_tracking_uri(tmp_path):
+    import pickle
+
+    secret_uri = f"sqlite:///{tmp_path}/first.db?token=SECRET"
+    first = _callback(secret_uri.split("?")[0], live_key="test-sweep")
+    first.tracker.tracking_uri = secret_uri  # as a URI with credentials would be
+    stored = pickle.dumps([first])
+    assert b"SECRET" not in stored and b"first.db" not in stored
+    second = _callback(f"sqlite:///{tmp_path}/second.db", live_key="test-sweep")  # the resumed driver's
+    (restored,) = pickle.loads(stored)
+    assert restored is second
+    unregistered = _callback(f"sqlite:///{tmp_path}/third.db")
+    with pytest.raises(TypeError, match="live_key"):
+        pickle.dumps(unregistered)
 
 
 def test_credentials_never_reach_mlflow_params():
@@ -54,25 +104,6 @@ def test_credentials_never_reach_mlflow_params():
     assert param.key == "run.storage_path"
     assert "AKIAEXAMPLE" not in param.value and "wJalrSECRET" not in param.value and "abc" not in param.value
     assert param.value.startswith("s3://***@bucket/sweeps") and "region=eu" in param.value
-
-
-def test_checkpoint_downloads_are_deleted_once_the_calls_that_read_them_ran(tmp_path):
-    tracker = SweepTracker(f"sqlite:///{tmp_path}/mlflow.db", experiment="e", sweep_name="s")
-    callback = MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 4}}, metric="val_ppl", mode="min")
-    trial = SimpleNamespace(trial_id="t1", error_msg="")
-    callback.on_trial_start(0, [], trial)
-    download = tmp_path / "relora-checkpoint-copy"  # what _local made of a checkpoint in object storage
-    (download / "merged").mkdir(parents=True)
-    callback.downloads.append(str(download))
-
-    real_log_batch = tracker.client.log_batch
-    tracker.client.log_batch = lambda *args, **kwargs: (_ for _ in ()).throw(ConnectionError("away"))
-    callback.on_trial_result(0, [], trial, {"step": 10, "val_ppl": 90.0})
-    callback.flush()
-    assert callback.pending and download.is_dir(), "kept while a call may still need it"
-    tracker.client.log_batch = real_log_batch
-    callback.flush()
-    assert not callback.pending and not download.exists() and not callback.downloads
 
 
 def test_reports_a_killed_driver_never_logged_are_recovered_from_the_checkpoint(tmp_path):
@@ -94,6 +125,7 @@ def test_reports_a_killed_driver_never_logged_are_recovered_from_the_checkpoint(
     trial = SimpleNamespace(trial_id="t1", error_msg="")
     for row in history[:2]:  # what the first driver logged before it died
         first.on_trial_result(0, [], trial, row)
+    first.flush()
 
     resumed = MlflowTuneCallback(tracker, lambda trial: {}, metric="val_ppl", mode="min", storage=str(tmp_path))
     resumed.on_trial_start(0, [], trial)
@@ -102,6 +134,7 @@ def test_reports_a_killed_driver_never_logged_are_recovered_from_the_checkpoint(
     )
     resumed.on_trial_result(0, [], trial, {"step": 20, "val_ppl": 79.0})  # a repeated report: not logged again
     resumed.on_trial_result(0, [], trial, {"step": 25, "train_loss": 6.0})
+    resumed.flush()
     run_id = resumed.run_ids["t1"]
     assert [m.step for m in tracker.client.get_metric_history(run_id, "train_loss")] == [5, 10, 15, 20, 25]
     assert [(m.step, m.value) for m in tracker.client.get_metric_history(run_id, "val_ppl")] == [(10, 89.0), (20, 79.0)]
@@ -116,3 +149,43 @@ def test_a_fresh_sweep_leaves_the_earlier_runs_out_of_its_record(tmp_path):
     assert fresh.parent_id != first.parent_id
     retired = fresh.client.get_run(child).data.tags[SWEEP_TAG]
     assert retired.startswith("s@") and fresh.client.get_run(first.parent_id).data.tags[SWEEP_TAG] == retired
+
+
+def test_a_resumed_sweep_records_on_the_tracking_server_it_was_resumed_with(local_ray, tmp_path):
+    """A real Tuner, stored and restored: the restored callbacks are the driver's new ones."""
+    from ray import tune
+
+    def fails_once(config: dict) -> None:  # defined here: Ray's workers get it by value
+        """Dies after its first report the first time the sweep runs, then completes."""
+        import os
+
+        import ray.tune
+
+        marker = os.path.join(config["marker_dir"], str(config["x"]))
+        ray.tune.report({"step": 1, "val_ppl": 10.0 + config["x"]})
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            raise RuntimeError("the first run dies here")
+        ray.tune.report({"step": 2, "val_ppl": 5.0 + config["x"]})
+
+    first_uri, second_uri = f"sqlite:///{tmp_path}/first.db", f"sqlite:///{tmp_path}/second.db"
+    (tmp_path / "markers").mkdir()
+    space = {"x": tune.grid_search([1, 2]), "marker_dir": str(tmp_path / "markers")}
+    first = _callback(first_uri, live_key="sweep")
+    run_config = tune.RunConfig(name="resume", storage_path=str(tmp_path / "ray"), callbacks=[first])
+    tune.Tuner(fails_once, param_space=space, run_config=run_config).fit()
+    first.flush()
+    errored = first.client.search_runs([first.tracker.experiment_id], filter_string="tags.status = 'errored'")
+    assert len(errored) == 2
+    assert b"first.db" not in (tmp_path / "ray" / "resume" / "tuner.pkl").read_bytes()
+
+    second = _callback(second_uri, live_key="sweep")  # the resumed driver's, on another server
+    restored = tune.Tuner.restore(str(tmp_path / "ray" / "resume"), fails_once, resume_errored=True)
+    restored.fit()
+    second.flush()
+    finished = "metrics.best_val_ppl > 0"  # a trial's end writes its best value
+    runs = second.client.search_runs([second.tracker.experiment_id], filter_string=finished)
+    assert len(runs) == 2, "the restored Tuner's trials are recorded by the new driver's callback"
+    assert sorted(r.data.metrics["best_val_ppl"] for r in runs) == [6.0, 7.0]
+    first_runs = first.client.search_runs([first.tracker.experiment_id], filter_string="metrics.best_val_ppl < 10")
+    assert not first_runs, "nothing of the resumed sweep went to the first server"
