@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow.fs
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -37,8 +38,11 @@ from orchestrator.search import SETTLED_STEP
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
 META = "meta.json"  # where the run stands: step, phase, restart count
-START_WEIGHTS = "start_weights.safetensors"  # W at the switch to low rank, for the update rank (never a pickle)
+# W at the switch to low rank, for the update rank (never a pickle). It never changes, so rank 0
+# writes it once per trial, into the run's own folder on storage, not into every checkpoint.
+START_WEIGHTS = "start_weights.safetensors"
 DS_TAG = "deepspeed"
+LOCAL_FS = pyarrow.fs.LocalFileSystem()
 
 
 def deepspeed_config(cfg: TrialConfig, *, bf16: bool) -> dict:
@@ -69,8 +73,11 @@ class Worker:
         report_fn,
         node_id: str = "",
         device: torch.device | None = None,
+        run_storage: tuple | None = None,
     ) -> None:
         self.cfg = cfg
+        # (pyarrow filesystem, folder) of this trial's run, where START_WEIGHTS is written once
+        self.run_storage = run_storage
         self.node_id = node_id  # the Ray node this rank runs on, recorded with each start
         self.data = data
         self.report_fn = report_fn
@@ -100,7 +107,8 @@ class Worker:
         self.created_at = time.time()
         self.first_step_at: float | None = None
         self.train_seconds = 0.0
-        self.start_weights: dict[str, torch.Tensor] | None = None
+        self.low_rank = False
+        self.start_weights: dict[str, torch.Tensor] | None = None  # rank 0's, on the host
         self.last_step_metrics: dict | None = None  # held back for the final report
         # Steps whose loss stays on the device until the next report reads it (one host sync
         # per report, not per step), and the seconds they took, which that read completes.
@@ -175,8 +183,29 @@ class Worker:
             trainable_scaling=r.trainable_scaling,
         )
         self.model.to(self.device)
-        self.start_weights = {k: v.cpu() for k, v in relora.effective_weights(self.model).items()}
+        self.low_rank = True
+        if self.rank == 0:  # only rank 0 computes update ranks: one host copy of W per trial, not per rank
+            self.start_weights = {k: v.cpu() for k, v in relora.effective_weights(self.model).items()}
         self.build_engine()
+
+    def save_start_weights(self) -> None:
+        """Rank 0 writes W at the switch into the run's folder, once (a restart of the trial
+        from before its first checkpoint writes the same values again)."""
+        fs, folder = self.run_storage
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file({k: v.contiguous() for k, v in self.start_weights.items()}, Path(tmp) / START_WEIGHTS)
+            fs.create_dir(folder, recursive=True)
+            pyarrow.fs.copy_files(f"{tmp}/{START_WEIGHTS}", f"{folder}/{START_WEIGHTS}", LOCAL_FS, fs)
+
+    def load_start_weights(self, checkpoint_dir: str) -> dict[str, torch.Tensor]:
+        """W at the switch: from the run's folder, or from a checkpoint written before it moved there."""
+        old = Path(checkpoint_dir) / START_WEIGHTS
+        if old.is_file():
+            return load_file(old)
+        fs, folder = self.run_storage
+        with tempfile.TemporaryDirectory() as tmp:
+            pyarrow.fs.copy_files(f"{folder}/{START_WEIGHTS}", f"{tmp}/{START_WEIGHTS}", fs, LOCAL_FS)
+            return load_file(Path(tmp) / START_WEIGHTS)
 
     @torch.no_grad()
     def restart(self) -> dict:
@@ -259,24 +288,24 @@ class Worker:
     # --- checkpoints -----------------------------------------------------------------
 
     def report(self, metrics: dict, *, checkpoint: bool = False, extra_files: dict | None = None) -> None:
+        """Report ``metrics``, with a checkpoint folder if asked: ``report_fn`` owns that folder
+        (Ray Train uploads it in the background and then deletes it)."""
         metrics = {"step": self.step, **metrics, "wall_time": time.time(), "train_seconds": self.train_seconds}
         self.history.append(metrics)
         if not checkpoint:
             self.report_fn(metrics, None)
             return
-        with tempfile.TemporaryDirectory() as tmp:
-            if self.engine is not None:
-                meta = {"step": self.step, "low_rank": self.start_weights is not None, "restarts": self.restarts}
-                self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state=meta)
-                if self.rank == 0 and self.start_weights is not None:
-                    save_file({k: v.contiguous() for k, v in self.start_weights.items()}, Path(tmp) / START_WEIGHTS)
-                if self.rank == 0:
-                    (Path(tmp) / META).write_text(json.dumps(meta))
+        tmp = tempfile.mkdtemp(prefix="relora-checkpoint-")
+        if self.engine is not None:
+            meta = {"step": self.step, "low_rank": self.low_rank, "restarts": self.restarts}
+            self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state=meta)
             if self.rank == 0:
-                (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
-                for name, writer in (extra_files or {}).items():
-                    writer(Path(tmp) / name)
-            self.report_fn(metrics, tmp)
+                (Path(tmp) / META).write_text(json.dumps(meta))
+        if self.rank == 0:
+            (Path(tmp) / HISTORY).write_text("".join(json.dumps(h) + "\n" for h in self.history))
+            for name, writer in (extra_files or {}).items():
+                writer(Path(tmp) / name)
+        self.report_fn(metrics, tmp)
 
     def restore(self, checkpoint_dir: str) -> None:
         """Continue from a checkpoint: same phase, same engine state, same sample."""
@@ -286,7 +315,8 @@ class Worker:
         self.train_seconds = self.history[-1].get("train_seconds", 0.0)
         if meta["low_rank"]:
             self.switch_to_low_rank()  # wraps and builds the low-rank engine; weights come next
-            self.start_weights = load_file(Path(checkpoint_dir) / START_WEIGHTS)
+            if self.rank == 0:
+                self.start_weights = self.load_start_weights(checkpoint_dir)
         else:
             self.build_engine()
         self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
@@ -342,6 +372,8 @@ class Worker:
         relora_cfg = self.cfg.relora
         if relora_cfg.wraps_at(self.step):
             self.switch_to_low_rank()
+            if self.rank == 0:
+                self.save_start_weights()
             trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             _, layer = next(relora.relora_layers(self.model))
             dtype = str(layer.weight.dtype).removeprefix("torch.")  # bfloat16 under DeepSpeed bf16
@@ -462,14 +494,25 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
+        """Every report in the background, in order (Ray Train keeps it): the training loop waits
+        neither on the upload of a checkpoint nor on the controller taking the report; the
+        uploaded folder is deleted here."""
         if metrics.get("event") == "resume":  # where the driver finds what was reported before
             metrics = {**metrics, "resumed_from": checkpoint.path}
         saved = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=saved)
+        ray.train.report(metrics, checkpoint=saved, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     # The device Ray Train gave this worker (it made it current); collectives run there too.
     device = ray.train.torch.get_device()
-    worker = Worker(cfg, data, report, node_id=ray.get_runtime_context().get_node_id(), device=device)
+    storage = ray.train.get_context().get_storage()  # the run's folder, on the run's filesystem
+    worker = Worker(
+        cfg,
+        data,
+        report,
+        node_id=ray.get_runtime_context().get_node_id(),
+        device=device,
+        run_storage=(storage.storage_filesystem, storage.experiment_fs_path),
+    )
     options = {"stop_at": config.get("stop_at")}
     if checkpoint is not None:
         with checkpoint.as_directory() as checkpoint_dir:

@@ -142,7 +142,10 @@ def _audited_worker(rank: int, world_size: int, port: int, trial: dict, out: str
     the file that called it and its tensors' devices."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE="2")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import shutil
+
     import deepspeed
+    import pyarrow.fs
     import torch.distributed as dist
 
     from orchestrator.config import config_from_dict
@@ -188,8 +191,11 @@ def _audited_worker(rank: int, world_size: int, port: int, trial: dict, out: str
 
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         log.append(["report", metrics["step"]])
+        if checkpoint_dir:  # the report function owns the folder
+            shutil.rmtree(checkpoint_dir)
 
-    worker = Worker(cfg, data, report, device=torch.device("cpu"))
+    run_storage = (pyarrow.fs.LocalFileSystem(), str(Path(out, "run")))
+    worker = Worker(cfg, data, report, device=torch.device("cpu"), run_storage=run_storage)
     advance = worker.advance
 
     def audited_advance(end: int) -> bool:

@@ -112,8 +112,12 @@ def check_recipe(cfg, data, result, error, killed=()):
         before = max(step for step in lr if step < e["at_step"])
         assert lr[e["at_step"]] == 0.0 and lr[before] > 0.0
 
-    # The restarts took the update past the adapter rank.
+    # The restarts took the update past the adapter rank, measured against W at the switch,
+    # which is written once, into the run's folder, and into no checkpoint.
     assert restarts[-1]["update_rank_max"] > cfg.relora.rank
+    run_dir = Path(result.checkpoint.path).parent
+    assert (run_dir / "start_weights.safetensors").is_file()
+    assert list(run_dir.glob("checkpoint_*/deepspeed")) and not list(run_dir.glob("checkpoint_*/start_weights*"))
 
     # The last step's metrics ride on the done report and nowhere else: a scheduler that stops
     # the trial at its last report cannot cut it off before the merged checkpoint.
