@@ -36,6 +36,7 @@ sys.path.insert(0, sys.argv[1])
 tracking_file, checkpoint, store = sys.argv[2], sys.argv[3], sys.argv[4]
 spec = importlib.util.spec_from_file_location("tracking_under_test", tracking_file)
 tracking = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = tracking  # its dataclasses look themselves up there
 spec.loader.exec_module(tracking)
 tracker = tracking.SweepTracker(f"sqlite:///{store}/mlflow.db", experiment="bench", sweep_name="s")
 callback = tracking.MlflowTuneCallback(tracker, lambda trial: {"relora": {"rank": 8}}, metric="val_ppl", mode="min")
