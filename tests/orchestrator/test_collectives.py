@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port, trial_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "orchestrator" / "collectives.py"
@@ -121,6 +120,10 @@ def _helper_ranks(rank: int, world_size: int, port: int, out: str) -> None:
 
 
 def test_the_helper_runs_collectives_on_the_given_device_and_refuses_one_the_backend_does_not_serve(tmp_path):
+    # Imported here, not at the top: the spawned ranks import this module, and in a whole-suite
+    # run the `conftest` first on their sys.path is tests/conftest.py, which has none of these.
+    from conftest import free_port
+
     port = free_port()
     mp.spawn(_helper_ranks, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -211,6 +214,8 @@ def _audited_worker(rank: int, world_size: int, port: int, trial: dict, out: str
 def test_a_worker_runs_every_collective_through_the_helper_and_reads_the_device_only_when_it_reports(
     data_cache, tmp_path
 ):
+    from conftest import free_port, trial_dict
+
     trial = trial_dict(tmp_path, data_cache)
     trial["relora"].update(warm_start_steps=4, restart_every=4, restart_warmup_steps=2)
     trial["optim"]["warmup_steps"] = 2
@@ -261,6 +266,8 @@ def _nccl_rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
 def test_the_helper_runs_on_nccl(tmp_path):
+    from conftest import free_port
+
     mp.spawn(_nccl_rank, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     result = json.loads((tmp_path / "nccl.json").read_text())
     assert result["sum"] == [1.5, 2.0] and result["gathered"] == [[0, 1, 2]] and result["objects"] == ["node"]
