@@ -10,6 +10,7 @@ outage and dropping, with a warning, a call that can never succeed. No trial wai
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -396,7 +397,7 @@ class MlflowTuneCallback(Callback):
         """``MlflowClient.<method>`` (or ``method`` itself), retried while MLflow is away; None if dropped."""
         call = method if callable(method) else getattr(self.client, method)
         name = getattr(method, "__name__", method)
-        for attempt in range(10**9):
+        for attempt in itertools.count():  # until it goes through or fails for good
             try:
                 return call(*args, **kwargs)
             except Exception as error:
