@@ -11,9 +11,9 @@ SQLite store, and times:
     report) waits;
   - next_report_s: one report of another trial right after;
   - background_s: the time until the record is written (`flush`), which no trial waits on;
-  - peak_rss_mb: the driver process's peak memory (the model is still loaded there to log it
-    as a `transformers` model).
-"before" is `orchestrator/tracking.py` as of BEFORE_COMMIT, read from git; "after" is this
+  - peak_rss_mb: the driver process's peak memory ("before" loaded the model there to log it
+    as a `transformers` model; "after" uploads the files rank 0 saved, streamed).
+Each row of VERSIONS is `orchestrator/tracking.py` as of a commit, read from git, or this
 checkout's.
 """
 
@@ -27,7 +27,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEFORE_COMMIT = "d4bc3ec"  # the last commit whose callback logged on Tune's loop
+# (row, commit of orchestrator/tracking.py or None for this checkout, merged/ layout it reads)
+VERSIONS = (
+    ("on the loop", "d4bc3ec", "plain"),  # the last callback that logged on Tune's loop
+    ("recorder thread, model loaded on the driver", "e1661ed", "plain"),
+    ("recorder thread, rank 0 saves the model", None, "mlflow"),  # this checkout
+)
 
 DRIVER = r"""
 import importlib.util, json, resource, sys, time
@@ -66,22 +71,28 @@ print(json.dumps({
 """
 
 
-def write_checkpoint(folder: Path, model_name: str) -> int:
-    """A final checkpoint as `Worker.finish` writes it: history.jsonl and merged/ (model + tokenizer)."""
+def write_checkpoint(folder: Path, model_name: str, layout: str) -> int:
+    """A final checkpoint as `Worker.finish` writes it: history.jsonl and merged/ (model and
+    tokenizer), in the ``layout`` of the callback under test: "plain" (a Hugging Face folder,
+    as before) or "mlflow" (an MLflow `transformers` model saved by rank 0, as now)."""
     sys.path.insert(0, str(ROOT))
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     import relora
+    from orchestrator.tracking import save_merged_model
 
     merged = folder / "merged"
-    if not (merged / "model.safetensors").is_file():
+    if not (merged / "config.json").is_file() and not (merged / "MLmodel").is_file():
         model = relora.build_model(model_name, vocab_size=32_000, max_position_embeddings=1024)
-        model.save_pretrained(merged, safe_serialization=True)
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()), eos_token="<|endoftext|>")
-        tokenizer.save_pretrained(merged)
+        if layout == "plain":
+            model.save_pretrained(merged, safe_serialization=True)
+            tokenizer.save_pretrained(merged)
+        else:
+            save_merged_model(model, tokenizer, merged)
     (folder / "history.jsonl").write_text(json.dumps({"step": 20, "val_ppl": 40.0}) + "\n")
-    return sum(f.stat().st_size for f in merged.iterdir())
+    return sum(f.stat().st_size for f in merged.rglob("*") if f.is_file())
 
 
 def measure(tracking_file: Path, checkpoint: Path) -> dict:
@@ -101,19 +112,24 @@ def main() -> None:
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "relora-trial-end"))
     args = parser.parse_args()
     work = Path(args.work)
-    checkpoint = work / f"checkpoint-{args.model}"
-    size = write_checkpoint(checkpoint, args.model)
-    print(f"merged checkpoint of {args.model}: {size / 1e9:.2f} GB", flush=True)
-    before = work / "tracking_before.py"
-    before.write_text(subprocess.run(["git", "show", f"{BEFORE_COMMIT}:orchestrator/tracking.py"], cwd=ROOT,
-                                     capture_output=True, text=True, check=True).stdout)  # fmt: skip
-    rows = {"before": measure(before, checkpoint), "after": measure(ROOT / "orchestrator" / "tracking.py", checkpoint)}
-    print("| callback | loop blocked (s) | next report (s) | written after (s) | driver peak RSS (MB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for name, commit, layout in VERSIONS:
+        tracking = ROOT / "orchestrator" / "tracking.py"
+        if commit:
+            tracking = work / f"tracking_{commit}.py"
+            tracking.write_text(subprocess.run(["git", "show", f"{commit}:orchestrator/tracking.py"], cwd=ROOT,
+                                               capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        checkpoint = work / f"checkpoint-{args.model}-{layout}"
+        size = write_checkpoint(checkpoint, args.model, layout)
+        print(f"merged checkpoint of {args.model} ({layout}): {size / 1e9:.2f} GB", flush=True)
+        rows[name] = measure(tracking, checkpoint)
+    print("| callback | loop blocked (s) | next report (s) | written after (s) | driver peak RSS (MB) | model logged |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, row in rows.items():
         print(
             f"| {name} | {row['loop_blocked_s']:.3f} | {row['next_report_s']:.4f} | "
-            f"{row['background_s']:.1f} | {row['peak_rss_mb']:.0f} |"
+            f"{row['background_s']:.1f} | {row['peak_rss_mb']:.0f} | {row['model_logged']} |"
         )
 
 

@@ -156,9 +156,12 @@ def write_rank_artifacts(ranks: dict[int, dict[str, int]], folder: Path) -> list
 
 
 def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) -> tuple[dict, int] | None:
-    """Register the best completed trial's logged MLflow model (`transformers` flavor) as a new
-    version of ``name``; the version links to that logged model. A trial logged before models
-    were (no `logged_model_id` tag) is registered from its plain `merged/` folder."""
+    """Register the best completed trial's merged model as a new version of ``name``: its logged
+    MLflow model (checkpoints on a disk, uploaded once), or by reference the model in its
+    checkpoint on object storage (`model_uri` tag). A trial recorded before models were
+    saved in checkpoints is registered from its plain `merged/` folder."""
+    from orchestrator.tracking import MODEL_URI_TAG
+
     completed = [r for r in rows if r["status"] == "completed" and math.isfinite(r["best"])]
     if not completed:
         return None
@@ -168,11 +171,13 @@ def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) 
     except Exception:
         client.create_registered_model(name, description="The best merged ReLoRA checkpoint of a sweep")
     run = client.get_run(best["run_id"])
-    model_id = run.data.tags.get("logged_model_id")
+    model_id, model_uri = run.data.tags.get("logged_model_id"), run.data.tags.get(MODEL_URI_TAG)
     if model_id:
         version = client.create_model_version(
             name, source=f"models:/{model_id}", run_id=best["run_id"], model_id=model_id
         )
+    elif model_uri:
+        version = client.create_model_version(name, source=model_uri, run_id=best["run_id"])
     else:
         version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=best["run_id"])
     return best, int(version.version)

@@ -14,9 +14,7 @@ import itertools
 import json
 import logging
 import math
-import os
 import queue
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +42,8 @@ CURVE_METRICS = (
     "merge_lost_share",
 )
 TRIAL_ID_TAG = "tune_trial_id"
+MODEL_URI_TAG = "model_uri"  # where a trial's merged MLflow model is, on object storage (registered by reference)
+HISTORY_ARTIFACT = "history.jsonl"
 SWEEP_TAG = "relora_sweep"
 # What MLflow 3 names a model-training experiment. MLflow 3.17's UI opens on its GenAI view
 # whatever the tag says (it picks the view from the URL's `workflowType`, else from what the
@@ -103,37 +103,20 @@ def model_requirements() -> list[str]:
     return [f"{name}=={md.version(name).split('+')[0]}" for name in packages]
 
 
-def log_transformers_model(tracking_uri: str, run_id: str, merged_dir: str) -> str:
-    """Log a merged Hugging Face folder (model and tokenizer) on ``run_id`` as an MLflow model of
-    the `transformers` flavor for text generation; returns the logged model's id.
-
-    The folder is loaded and passed as objects: MLflow 3.17 cannot take a folder path with
-    transformers 5.24 (its task registry changed)."""
+def save_merged_model(model, tokenizer, path: Path) -> None:
+    """Save the merged model as an MLflow `transformers` model (`MLmodel`, `model/`,
+    `components/tokenizer/`), on the worker that holds it: the driver then links or uploads
+    files and never loads a model. `model/` also gets the tokenizer, so that it is a whole
+    Hugging Face folder (`from_pretrained` needs no MLflow)."""
     import mlflow.transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    components = {
-        "model": AutoModelForCausalLM.from_pretrained(merged_dir),
-        "tokenizer": AutoTokenizer.from_pretrained(merged_dir),
-    }
-    # The fluent API logs models; it reads a process-wide URI (and MLflow 3 also sets the
-    # MLFLOW_TRACKING_URI variable), so both are put back as they were.
-    from mlflow.tracking._tracking_service import utils as tracking_state  # what set_tracking_uri sets
-
-    before_uri, before_env = tracking_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.transformers.log_model(
-                components, name="model", task="text-generation", pip_requirements=model_requirements()
-            )
-    finally:
-        mlflow.set_tracking_uri(before_uri)  # None: unset, as it was
-        if before_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before_env
-    return info.model_id
+    mlflow.transformers.save_model(
+        {"model": model, "tokenizer": tokenizer},
+        str(path),
+        task="text-generation",
+        pip_requirements=model_requirements(),
+    )
+    tokenizer.save_pretrained(Path(path) / "model")
 
 
 def params_of(config: dict) -> list[mlflow.entities.Param]:
@@ -260,9 +243,9 @@ class MlflowTrainCallback(UserCallback):
     Ray Train runs its callbacks in the run's controller actor; the MLflow client is made
     there, at the first report."""
 
-    def __init__(self, tracking_uri: str, experiment: str, run_name: str, config: dict) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, config: dict, storage: str = "") -> None:
         self.tracking_uri, self.experiment, self.run = tracking_uri, experiment, SingleRun(run_name)
-        self.config = config
+        self.config, self.storage = config, storage
         self._recorder: MlflowTuneCallback | None = None
 
     def __getstate__(self) -> dict:
@@ -271,7 +254,9 @@ class MlflowTrainCallback(UserCallback):
     def recorder(self) -> MlflowTuneCallback:
         if self._recorder is None:
             tracker = TrialTracker(self.tracking_uri, self.experiment, self.run.trial_id)
-            self._recorder = MlflowTuneCallback(tracker, lambda _: self.config, metric="val_ppl", mode="min")
+            self._recorder = MlflowTuneCallback(
+                tracker, lambda _: self.config, metric="val_ppl", mode="min", storage=self.storage
+            )
         return self._recorder
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
@@ -518,24 +503,50 @@ class MlflowTuneCallback(Callback):
         self._call("set_terminated", run_id, "FAILED" if status == "errored" else "FINISHED")
 
     def _log_checkpoint(self, trial: TrialSnapshot, run_id: str, checkpoint: str) -> None:
-        """The final checkpoint's reports, ranks, merged folder and model."""
-        local = self._local(checkpoint)
-        try:
-            history = self._history(local)
-            self._log_curves(trial, run_id, history)
-            self._log_ranks(run_id, layer_ranks(history))
-            self._call("log_artifacts", run_id, f"{local}/merged", "merged")  # plain Hugging Face folder
-            self._call("log_artifact", run_id, f"{local}/history.jsonl")
-            self._call(self._log_model, run_id, f"{local}/merged")
-        finally:
-            if local != checkpoint:  # a download from object storage
-                shutil.rmtree(local, ignore_errors=True)
+        """The final checkpoint's reports, ranks and merged model, read where Ray Train keeps it:
+        nothing is downloaded to the driver and no model is loaded here."""
+        history = self._history(checkpoint)
+        self._log_curves(trial, run_id, history)
+        self._log_ranks(run_id, layer_ranks(history))
+        if history:
+            self._call("log_text", run_id, "".join(json.dumps(row) + "\n" for row in history), HISTORY_ARTIFACT)
+        self._log_model(run_id, f"{checkpoint}/merged")
 
-    def _log_model(self, run_id: str, merged_dir: str) -> None:
-        """The merged checkpoint as an MLflow `transformers` model; its id goes in the run's
-        `logged_model_id` tag, which the registry step reads."""
-        model_id = log_transformers_model(self.tracker.tracking_uri, run_id, merged_dir)
-        self.client.set_tag(run_id, "logged_model_id", model_id)
+    def _log_model(self, run_id: str, merged: str) -> None:
+        """The MLflow `transformers` model that rank 0 saved in `merged/`.
+
+        On object storage it is linked by reference: its URI goes in the run's `model_uri` tag,
+        and the sweep registers that URI (MLflow reads it from the bucket; no copy). On a local
+        or shared disk, which MLflow cannot reference, its files are uploaded once, streamed, as
+        a logged model of the run (its id in `logged_model_id`)."""
+        if self._remote():
+            uri = f"{self.storage.split('://', 1)[0]}://{merged}"
+            self._call("set_tag", run_id, MODEL_URI_TAG, uri)
+            return
+        if not Path(merged).is_dir():
+            log.error("the merged model %s is gone; it is not logged", redact(merged))
+            self.dropped.append(f"_log_model: {redact(merged)} is gone")
+            return
+        if not (Path(merged) / "MLmodel").is_file():  # a checkpoint from before models were saved there
+            self._call("log_artifacts", run_id, merged, "merged")
+            return
+        experiment_id = self.tracker.experiment_id
+        model = self._call(
+            "create_logged_model", experiment_id, name="model", source_run_id=run_id, model_type="transformers"
+        )
+        if model is None:
+            return
+        if self._call(self._upload_model, model.model_id, merged):
+            self._call("finalize_logged_model", model.model_id, mlflow.entities.LoggedModelStatus.READY)
+            self._call("set_tag", run_id, "logged_model_id", model.model_id)
+
+    def _upload_model(self, model_id: str, folder: str) -> bool:
+        self.client.log_model_artifacts(model_id, folder)
+        return True
+
+    def _remote(self) -> bool:
+        """Whether checkpoints live on object storage (a URI), not on a disk this process sees."""
+        return "://" in self.storage and not self.storage.startswith("file://")
 
     def _log_ranks(self, run_id: str, ranks: dict[int, dict[str, int]]) -> None:
         """`update_ranks/update_ranks.csv` and `.png`: layer x restart, rewritten at each restart."""
@@ -570,7 +581,7 @@ class MlflowTuneCallback(Callback):
         from orchestrator.worker import HISTORY, read_history_file
 
         try:
-            if "://" in self.storage and not Path(checkpoint).exists():
+            if self._remote():
                 fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
                 with fs.open_input_stream(f"{checkpoint}/{HISTORY}") as stream:
                     return [json.loads(line) for line in stream.read().decode().splitlines()]
@@ -578,21 +589,6 @@ class MlflowTuneCallback(Callback):
         except (OSError, ValueError) as error:
             log.warning("could not read the history of %s (%s); its curves may have gaps", checkpoint, error)
             return []
-
-    def _local(self, checkpoint: str) -> str:
-        """A local folder holding ``checkpoint``: itself, or a download from object storage."""
-        if Path(checkpoint).is_dir() or "://" not in self.storage:
-            return checkpoint
-        import tempfile
-
-        import pyarrow.fs
-
-        fs, _ = pyarrow.fs.FileSystem.from_uri(self.storage)
-        local = tempfile.mkdtemp(prefix="relora-checkpoint-")  # deleted by `_finish` once logged
-        # Only what MLflow gets: the merged model and the history, not the DeepSpeed state.
-        for name in ("merged", "history.jsonl"):
-            pyarrow.fs.copy_files(f"{checkpoint}/{name}", f"{local}/{name}", fs, pyarrow.fs.LocalFileSystem())
-        return local
 
     def best_value(self, trial_id: str) -> float:
         values = [row[self.metric] for row in self.curves.get(trial_id, []) if self.metric in row]

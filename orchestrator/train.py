@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.tracking import MlflowTrainCallback, TrialTracker, results_url
 
-    record = MlflowTrainCallback(tracking_uri, cfg.run.name, name, config_to_dict(cfg))
+    record = MlflowTrainCallback(
+        tracking_uri, cfg.run.name, name, config_to_dict(cfg), storage=storage_uri(cfg.run.storage_path)
+    )
     try:
         result = make_trainer(cfg, data, name=name, callbacks=[record]).fit()
     except TrainingFailedError as error:  # out of retries; running the command again resumes
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"done: final val loss {final['final_val_loss']:.4f}, val ppl {final['final_val_ppl']:.2f}")
     print(
-        f"merged checkpoint (load with AutoModelForCausalLM.from_pretrained): {redact(result.checkpoint.path)}/merged"
+        f"merged model (load with AutoModelForCausalLM.from_pretrained): {redact(result.checkpoint.path)}/merged/model"
     )
     base = redact(tracking_uri) if tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
     if not tracking_uri.startswith(("http://", "https://")):

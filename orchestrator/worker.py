@@ -456,7 +456,8 @@ class Worker:
         )
 
     def finish(self) -> None:
-        """The merged checkpoint: adapters folded in, a plain HF model plus its tokenizer."""
+        """The merged checkpoint: adapters folded in, saved as an MLflow `transformers` model whose
+        `model/` folder is a plain Hugging Face model with its tokenizer."""
         last = self.last_step_metrics or {}
         final = last or self.history[-1]
         self.release_engine()
@@ -465,8 +466,9 @@ class Worker:
         def write_merged(path: Path) -> None:
             from transformers import AutoTokenizer
 
-            model.save_pretrained(path, safe_serialization=True)
-            AutoTokenizer.from_pretrained(self.data.tokenizer_path).save_pretrained(path)
+            from orchestrator.tracking import save_merged_model
+
+            save_merged_model(model, AutoTokenizer.from_pretrained(self.data.tokenizer_path), path)
 
         summary = {
             **last,

@@ -175,7 +175,10 @@ def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, data_cache, tmp_
     assert all(len(nodes) == 1 for nodes in used)
     assert set.union(*used) == set(cluster.node_ids.values())
     for run in runs:
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "merged")} >= {"merged/model.safetensors"}
+        logged = client.get_logged_model(run.data.tags["logged_model_id"])
+        assert {a.path for a in client.list_logged_model_artifacts(logged.model_id, "model")} >= {
+            "model/model.safetensors"
+        }
         assert merges_in_history(client, run.info.run_id, tmp_path / run.info.run_id) == expected_merges(spec)
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
@@ -183,7 +186,7 @@ def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, data_cache, tmp_
     # Everything the trials wrote is on the shared storage path: data, warm start, checkpoints.
     assert list(cluster.storage.glob("data/blocks-*/meta.json"))
     assert list(cluster.storage.glob("warm-starts/*.json"))
-    assert list(cluster.storage.glob("cluster-sweep-trials/*/checkpoint_*/merged/model.safetensors"))
+    assert list(cluster.storage.glob("cluster-sweep-trials/*/checkpoint_*/merged/model/model.safetensors"))
 
 
 def test_a_lost_node_costs_only_the_steps_since_the_last_checkpoint(cluster, data_cache, tmp_path):

@@ -19,6 +19,7 @@ import mlflow
 import pytest
 import yaml
 from conftest import start_mlflow_server, trial_dict
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
@@ -132,14 +133,15 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlfl
         resumed += "resume" in [json.loads(line).get("event") for line in open(local)]
     assert resumed >= 1
 
-    # Every completed trial has a merged checkpoint that downloads and loads.
+    # Every completed trial has its merged model, logged once as an MLflow model of its run
+    # (no second copy among the run's artifacts), whose `model/` folder loads without MLflow.
     completed = [c for c in children if c.data.tags["status"] == "completed"]
     for child in completed:
+        logged = client.get_logged_model(child.data.tags["logged_model_id"])
+        assert logged.source_run_id == child.info.run_id and logged.status == LoggedModelStatus.READY
+        assert "merged" not in {a.path for a in client.list_artifacts(child.info.run_id)}
         local = mlflow.artifacts.download_artifacts(
-            run_id=child.info.run_id,
-            artifact_path="merged",
-            dst_path=str(tmp_path / child.info.run_id),
-            tracking_uri=mlflow_server,
+            f"{logged.artifact_location}/model", dst_path=str(tmp_path / child.info.run_id), tracking_uri=mlflow_server
         )
         model = AutoModelForCausalLM.from_pretrained(local)
         assert type(model).__name__ == "LlamaForCausalLM"

@@ -128,8 +128,8 @@ def check_recipe(cfg, data, result, error, killed=()):
     # on tinyshakespeare, 1/4.8 on the built-in corpus, ~1 for a model that learns nothing).
     assert done["final_val_ppl"] < 0.25 * start["val_ppl"]
 
-    # The merged checkpoint is a plain HF model that reproduces the final validation loss.
-    merged = f"{result.checkpoint.path}/merged"
+    # The merged checkpoint's `model/` is a plain HF model that reproduces the final validation loss.
+    merged = f"{result.checkpoint.path}/merged/model"
     reproduced = merged_val_loss(merged, data, cfg.train.eval_blocks)
     assert abs(reproduced - done["final_val_loss"]) <= 0.01 * done["final_val_loss"]
     return history
@@ -273,7 +273,7 @@ def test_reports_are_taken_without_stalling_unless_the_user_tuned_it(make_trial,
 def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, tmp_path, monkeypatch):
     """`python -m orchestrator.train --tracking-uri`: a run with every config key resolved (and a
     `config.yaml` that the same command takes as it is), the curves, its status, per-layer update
-    ranks as a table and a heatmap, the plain merged folder, and a `transformers` model that
+    ranks as a table and a heatmap, and the merged model, logged once as a `transformers` model that
     generates text through MLflow's own API."""
     import mlflow
     import ray
@@ -310,7 +310,11 @@ def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_tr
     assert table[0] == "layer,step_40" and len(table) == 1 + 14  # 2 layers x 7 linears of llama-tiny
     assert all(int(line.split(",")[1]) > 0 for line in table[1:])
     assert (local / "update_ranks" / "update_ranks.png").stat().st_size > 1000
-    assert AutoModelForCausalLM.from_pretrained(local / "merged") is not None  # without MLflow too
+    assert not (local / "merged").exists(), "the weights are logged once: as the logged model"
+    logged = client.get_logged_model(run.data.tags["logged_model_id"])
+    assert logged.source_run_id == run.info.run_id
+    weights = mlflow.artifacts.download_artifacts(f"{logged.artifact_location}/model", tracking_uri=tracking)
+    assert AutoModelForCausalLM.from_pretrained(weights) is not None  # without MLflow too
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)  # MLflow's own API reads it; undone after
     generate = mlflow.transformers.load_model(f"models:/{run.data.tags['logged_model_id']}")
