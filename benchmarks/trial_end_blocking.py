@@ -99,6 +99,7 @@ def measure(tracking_file: Path, checkpoint: Path) -> dict:
     with tempfile.TemporaryDirectory() as store:
         out = subprocess.run(
             [sys.executable, "-c", DRIVER, str(ROOT), str(tracking_file), str(checkpoint), store],
+            cwd=store,  # the store's artifacts (./mlruns) go with it
             capture_output=True,
             text=True,
             check=True,
@@ -110,7 +111,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-350m")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "relora-trial-end"))
+    parser.add_argument("--write-checkpoint", nargs=2, metavar=("FOLDER", "LAYOUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_checkpoint:  # in a process of its own: a driver forked from one holding the model
+        folder, layout = args.write_checkpoint  # would start with its memory in ru_maxrss
+        print(write_checkpoint(Path(folder), args.model, layout))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = {}
@@ -121,7 +127,8 @@ def main() -> None:
             tracking.write_text(subprocess.run(["git", "show", f"{commit}:orchestrator/tracking.py"], cwd=ROOT,
                                                capture_output=True, text=True, check=True).stdout)  # fmt: skip
         checkpoint = work / f"checkpoint-{args.model}-{layout}"
-        size = write_checkpoint(checkpoint, args.model, layout)
+        command = [sys.executable, __file__, "--model", args.model, "--write-checkpoint", str(checkpoint), layout]
+        size = int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
         print(f"merged checkpoint of {args.model} ({layout}): {size / 1e9:.2f} GB", flush=True)
         rows[name] = measure(tracking, checkpoint)
     print("| callback | loop blocked (s) | next report (s) | written after (s) | driver peak RSS (MB) | model logged |")

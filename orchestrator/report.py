@@ -7,7 +7,9 @@ including those that finished before the interruption.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG  # noqa: E402
@@ -155,6 +158,24 @@ def write_rank_artifacts(ranks: dict[int, dict[str, int]], folder: Path) -> list
     return [table, heatmap]
 
 
+@contextlib.contextmanager
+def default_tracking_uri(uri: str):
+    """The process's default MLflow tracking URI set to ``uri`` for a while, then put back
+    (MLflow 3 also mirrors it into MLFLOW_TRACKING_URI)."""
+    from mlflow.tracking._tracking_service import utils as tracking_state  # what set_tracking_uri sets
+
+    before_uri, before_env = tracking_state._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_uri)  # None: unset, as it was
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
+
+
 def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) -> tuple[dict, int] | None:
     """Register the best completed trial's merged model as a new version of ``name``: its logged
     MLflow model (checkpoints on a disk, uploaded once), or by reference the model in its
@@ -173,9 +194,12 @@ def register_best(client: MlflowClient, rows: list[dict], name: str, mode: str) 
     run = client.get_run(best["run_id"])
     model_id, model_uri = run.data.tags.get("logged_model_id"), run.data.tags.get(MODEL_URI_TAG)
     if model_id:
-        version = client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=best["run_id"], model_id=model_id
-        )
+        # MLflow's SQL store looks a `models:/<id>` source up through the process's default
+        # tracking URI, not this client's (its own TODO in `create_model_version`).
+        with default_tracking_uri(client.tracking_uri):
+            version = client.create_model_version(
+                name, source=f"models:/{model_id}", run_id=best["run_id"], model_id=model_id
+            )
     elif model_uri:
         version = client.create_model_version(name, source=model_uri, run_id=best["run_id"])
     else:

@@ -40,3 +40,27 @@ def test_mode_max_registers_the_largest_and_reports_it_per_trial(tmp_path):
     callback = MlflowTuneCallback(tracker, lambda trial: {}, metric="tokens_per_s", mode="max")
     callback.curves["t"] = [{"tokens_per_s": 5.0}, {"tokens_per_s": 9.0}, {"train_loss": 1.0}, {"tokens_per_s": 7.0}]
     assert callback.best_value("t") == 9.0
+
+
+def test_the_best_logged_model_is_registered_from_a_store_that_is_not_the_default(tmp_path, monkeypatch):
+    """`--tracking-uri sqlite:///elsewhere.db`: MLflow's SQL store resolves a `models:/<id>`
+    source through the process's default store (./mlflow.db here), where the model is not."""
+    from mlflow.entities import LoggedModelStatus
+
+    client, experiment = _store_with_two_trials(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # the default store, ./mlflow.db, is another database
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = trial_rows(client, experiment, "s", ["relora.rank"], "tokens_per_s", mode="max")
+    best = next(r for r in rows if r["trial"] == "a")
+    model = client.create_logged_model(experiment, name="model", source_run_id=best["run_id"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    client.log_model_artifacts(model.model_id, str(tmp_path / "model"))
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.set_tag(best["run_id"], "logged_model_id", model.model_id)
+
+    assert register_best(client, rows, "fastest", "max") == (best, 1)
+    version = client.get_model_version("fastest", "1")
+    assert version.source == f"models:/{model.model_id}" and version.run_id == best["run_id"]
+    assert client.get_model_version_download_uri("fastest", "1") == model.artifact_location
