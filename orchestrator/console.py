@@ -29,6 +29,7 @@ import importlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 # Ray Train's per-report lines, by the start of their message.
@@ -227,12 +228,156 @@ def _error_message(trial) -> str | None:
     return None
 
 
-def say(line: str) -> None:
-    print(line, flush=True)
+# --- the terminal and the log ----------------------------------------------------------------
 
 
-def console_callback(metric: str, mode: str, printer=say):
-    """A Ray Tune `Callback` printing `TrialEvents`' lines (Tune runs callbacks on the driver).
+class Terminal:
+    """Where the product's own lines go while everything else goes to the sweep's log.
+
+    `capture` points this process's file descriptors 1 and 2 at the log file, so that all a
+    user would otherwise have to read past lands there: Ray's streamed worker output, its C++
+    core's lines, Tune's status tables, Ray Data's progress frames, library warnings and
+    progress bars, of this process and of every process it starts. `say` writes to the
+    terminal the process had, and to the log. `release` puts the descriptors back."""
+
+    def __init__(self) -> None:
+        self.out, self.err = sys.stdout, sys.stderr  # until `capture`: the process's own streams
+        self.log_path: str | None = None
+        self._saved: tuple[int, int] | None = None
+        self._owned: list = []
+        self._live = ""  # the progress line currently drawn on a TTY
+
+    def capture(self, log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        saved = os.dup(1), os.dup(2)
+        # A stream a caller put in place of the process's (contextlib.redirect_stdout) keeps
+        # getting the lines; the process's own terminal is reopened from its saved descriptor.
+        self.out = sys.stdout if sys.stdout is not sys.__stdout__ else self._open(saved[0])
+        self.err = sys.stderr if sys.stderr is not sys.__stderr__ else self._open(saved[1])
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        self._saved, self.log_path = saved, str(log_path)
+
+    def _open(self, fd: int):
+        stream = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        self._owned.append(stream)
+        return stream
+
+    def release(self) -> None:
+        if self._saved is None:
+            return
+        self.clear_live()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for fd, saved in zip((1, 2), self._saved, strict=True):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for stream in self._owned:
+            stream.close()
+        self.out, self.err, self._saved, self._owned, self.log_path = sys.stdout, sys.stderr, None, [], None
+
+    @property
+    def captured(self) -> bool:
+        return self._saved is not None
+
+    def say(self, line: str, *, error: bool = False) -> None:
+        """One line to the terminal (stderr for an error), and to the log when captured."""
+        self.clear_live()
+        print(line, file=self.err if error else self.out, flush=True)
+        if self.captured:
+            print(line, flush=True)  # fd 1: the log
+        self.draw_live(self._live)
+
+    def is_tty(self) -> bool:
+        return bool(getattr(self.out, "isatty", lambda: False)())
+
+    def draw_live(self, line: str) -> None:
+        """A line redrawn in place (a TTY only): the sweep's progress bar."""
+        self._live = line
+        if line and self.is_tty():
+            self.out.write("\r\x1b[K" + line)
+            self.out.flush()
+
+    def clear_live(self) -> None:
+        if self._live and self.is_tty():
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+
+
+terminal = Terminal()
+
+
+def say(line: str, *, error: bool = False) -> None:
+    """A line of the product's own: to the terminal, and to the log when there is one."""
+    terminal.say(line, error=error)
+
+
+class WarningsToTerminal(logging.Handler):
+    """The product's own warnings and errors (an MLflow call dropped, a checkpoint not logged)
+    reach the terminal too, one line each: a real problem is never only in the log."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if terminal.captured:
+            first = record.getMessage().strip().splitlines()[0][:300] if record.getMessage().strip() else ""
+            terminal.say(f"{record.levelname.lower()}: {first}", error=record.levelno >= logging.ERROR)
+
+
+class Progress:
+    """The sweep's progress: trials done and running, and the best value so far. On a TTY a
+    bar redrawn in place at every report; elsewhere (a log, CI) one line when a trial ends."""
+
+    def __init__(self, total: int, metric: str, mode: str, width: int = 24) -> None:
+        self.total, self.metric, self.mode, self.width = total, metric, mode, width
+        self.running: set[str] = set()
+        self.done: set[str] = set()
+        self.best: tuple[float, str] | None = None
+
+    def line(self) -> str:
+        done = len(self.done)
+        filled = round(self.width * done / self.total) if self.total else 0
+        bar = "#" * filled + "." * (self.width - filled)
+        best = f", best {self.metric} {_num(self.best[0])} ({self.best[1]})" if self.best else ""
+        return f"[{bar}] {done}/{self.total} trials done, {len(self.running)} running{best}"
+
+    def _count(self, trials: list) -> None:
+        """Trials done and running, read from Tune's trials (whole after a resume) and the ends seen."""
+        self.done |= {t.trial_id for t in trials if getattr(t, "status", None) in ("TERMINATED", "ERROR")}
+        self.running = {t.trial_id for t in trials if getattr(t, "status", None) == "RUNNING"} - self.done
+        self.total = max(self.total, len(trials))
+
+    def started(self, trials: list, trial_id: str) -> None:
+        self.done.discard(trial_id)
+        self._count(trials)
+        self.running.add(trial_id)
+        terminal.draw_live(self.line())
+
+    def result(self, trials: list, trial_id: str, value) -> None:
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            if self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0]):
+                self.best = (float(value), trial_id)
+        if terminal.is_tty():
+            self._count(trials)
+            terminal.draw_live(self.line())
+
+    def ended(self, trials: list, trial_id: str) -> None:
+        self.done.add(trial_id)
+        self._count(trials)
+        if terminal.is_tty():
+            terminal.draw_live(self.line())
+        else:
+            terminal.say(self.line())
+
+
+def console_callback(metric: str, mode: str, printer=say, total: int | None = None):
+    """A Ray Tune `Callback` printing `TrialEvents`' lines (Tune runs callbacks on the driver),
+    and, given the sweep's ``total`` number of trials, its `Progress`.
 
     The class is made here so that importing this module (every Ray worker does, for the
     setup hook) does not import Ray Tune; Tune pickles it with its state by value."""
@@ -241,21 +386,32 @@ def console_callback(metric: str, mode: str, printer=say):
     class ConsoleCallback(Callback):
         def __init__(self) -> None:
             self.events = TrialEvents(metric, mode)
+            self.progress = Progress(total, metric, mode) if total else None
 
         def _say(self, line: str | None) -> None:
             if line:
                 printer(line)
 
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            if self.progress:
+                self.progress.started(trials, trial.trial_id)
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             self._say(self.events.report(trial.trial_id, result))
+            if self.progress:
+                self.progress.result(trials, trial.trial_id, result.get(metric))
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             self._say(self.events.complete(trial.trial_id))
+            if self.progress:
+                self.progress.ended(trials, trial.trial_id)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
             self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=True))
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=False))
+            if self.progress:
+                self.progress.ended(trials, trial.trial_id)
 
     return ConsoleCallback()

@@ -20,6 +20,10 @@ import logging
 import math
 import os
 import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
 
 from orchestrator.config import (
     ConfigError,
@@ -37,6 +41,7 @@ from orchestrator.config import (
     with_overrides,
     with_storage,
 )
+from orchestrator.console import say
 from orchestrator.data import PreparedData, cached_data, prepare_data
 from orchestrator.search import SETTLED_STEP, SweepSpec, load_sweep, resolve_trial, tune_param_space
 from orchestrator.train import check_cluster_resources, local_cpu_limit, storage_uri
@@ -315,7 +320,7 @@ def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
     s = spec.search
     path = f"{storage_root(spec)}/{spec.base_config.run.name}"
     if resume and tune.Tuner.can_restore(path):
-        print(f"resuming the sweep at {redact(path)}")
+        say(f"resuming the sweep at {redact(path)}")
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
@@ -329,7 +334,7 @@ def make_tuner(spec: SweepSpec, trainable, callback, resume: bool):
         run_config=tune.RunConfig(
             name=spec.base_config.run.name,
             storage_path=storage_root(spec),
-            callbacks=[callback, console_callback(s.metric, s.mode)],  # our one-line trial events
+            callbacks=[callback, console_callback(s.metric, s.mode, total=spec.num_trials)],  # our lines
             verbose=1,
             # A trial whose Tune actor is lost with its node is run again; it resumes from
             # its Ray Train checkpoints (lost workers alone are Ray Train's FailureConfig).
@@ -347,7 +352,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="never resume, even when the sweep exists")
     parser.add_argument("--storage", help="where trials write (default: $RELORA_STORAGE, else run.storage_path)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and resources, then exit")
-    parser.add_argument("--verbose", action="store_true", help="also print Ray Train's log line for every report")
+    parser.add_argument(
+        "--verbose", action="store_true", help="print everything (Ray, Tune, workers) here, not only to the log file"
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key, e.g. search.num_samples=4"
     )
@@ -360,7 +367,7 @@ def prepare(spec: SweepSpec) -> PreparedData:
     cfg = spec.base_config.data
     data = prepare_data(cfg, storage_root(spec), token_target=spec.token_budget)
     check_token_budget(spec.token_budget, data.train_blocks, cfg)
-    print(
+    say(
         f"data: {data.train_blocks} train / {data.validation_blocks} validation blocks "
         f"({'cache hit' if data.cache_hit else 'prepared'})"
     )
@@ -388,8 +395,9 @@ def summarize(spec: SweepSpec, tracker) -> None:
     s, name = spec.search, spec.base_config.run.name
     swept = list(s.params) + (["variant"] if s.variants else [])
     rows = trial_rows(tracker.client, tracker.experiment_id, name, swept, s.metric, s.mode)
-    print()
-    print(summary_table(rows, swept, s.metric))
+    say("")
+    for line in summary_table(rows, swept, s.metric).splitlines():
+        say(line)
     log_plots(tracker.client, tracker.parent_id, rows, swept, s.metric)
     log_summary(tracker.client, tracker.parent_id, rows, swept, s.metric, s.mode)
     registry = s.register_model or registry_name(name)
@@ -397,7 +405,7 @@ def summarize(spec: SweepSpec, tracker) -> None:
     if registered:
         best, version = registered
         best_value = f"{s.metric} {best['best']:.3f}"
-        print(f"\nbest trial {best['trial']} ({best_value}) registered as {registry} version {version}")
+        say(f"\nbest trial {best['trial']} ({best_value}) registered as {registry} version {version}")
 
 
 def print_results_link(tracking_uri: str, experiment_id: str, spec: SweepSpec) -> None:
@@ -408,10 +416,10 @@ def print_results_link(tracking_uri: str, experiment_id: str, spec: SweepSpec) -
         return results_url(experiment_id, spec.search.metric, spec.search.mode, base=base)
 
     if tracking_uri.startswith(("http://", "https://")):
-        print(f"\nopen the results: {page(redact(tracking_uri))}")
+        say(f"\nopen the results: {page(redact(tracking_uri))}")
     else:
-        print(f"\nopen the results: mlflow ui --backend-store-uri {redact(tracking_uri)}")
-        print(f"  then {page('http://127.0.0.1:5000')}")
+        say(f"\nopen the results: mlflow ui --backend-store-uri {redact(tracking_uri)}")
+        say(f"  then {page('http://127.0.0.1:5000')}")
 
 
 def check_before_work(spec: SweepSpec, args: argparse.Namespace, tracking_uri: str) -> None:
@@ -429,24 +437,58 @@ def check_before_work(spec: SweepSpec, args: argparse.Namespace, tracking_uri: s
         check_token_budget(budget, cached.train_blocks, cfg)
 
 
-def main(argv: list[str] | None = None) -> int:
+def log_file(spec: SweepSpec) -> Path:
+    """Where everything but the product's own lines goes: beside the sweep's trials when the
+    storage is a local or shared disk, else in the temp dir (the parent run gets a copy)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    root, name = storage_root(spec), spec.base_config.run.name
+    folder = Path(root) / f"{name}-logs" if "://" not in root else Path(tempfile.gettempdir()) / "relora-logs" / name
+    return folder / f"sweep-{stamp}.log"
+
+
+def main(argv: list[str] | None = None, *, release_terminal: bool = True) -> int:
+    """The sweep. ``release_terminal=False`` (the command line) leaves the log in place of the
+    process's output until it exits: Ray's threads and its shutdown at exit still print."""
     args = parse_args(argv)
     tracking_uri = args.tracking_uri or default_tracking_uri()
     try:
         spec = load_sweep(with_storage(with_overrides(load_yaml(args.spec), args.set), args.storage))
         check_before_work(spec, args, tracking_uri)
-        print(describe(spec))
-        if args.dry_run:
-            return 0
-        from orchestrator.console import configure as configure_console
-
-        configure_console(verbose=args.verbose)  # before Ray starts: its workers inherit it
-        init_ray(args.address, spec)  # a cluster that cannot place a trial is refused here
-        data = prepare(spec)
+        print(describe(spec), flush=True)
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return 0
+    from orchestrator.console import WarningsToTerminal, configure, terminal
 
+    configure(verbose=args.verbose)  # before Ray starts: its workers inherit it
+    if not args.verbose:
+        terminal.capture(log_file(spec))
+    warnings_handler = WarningsToTerminal()
+    logging.getLogger("orchestrator").addHandler(warnings_handler)
+    try:
+        return run(spec, args, tracking_uri)
+    except ConfigError as error:  # found once Ray and the data were up
+        say(f"config error: {error}", error=True)
+        return 2
+    except Exception as error:  # the cause on the terminal, the traceback in the log
+        traceback.print_exc()
+        cause = (str(error).strip().splitlines() or [""])[0][:300]
+        say(f"error: {type(error).__name__}: {cause}", error=True)
+        return 1
+    finally:
+        logging.getLogger("orchestrator").removeHandler(warnings_handler)
+        if terminal.log_path:
+            say(f"\nfull log: {terminal.log_path}")
+        if release_terminal:
+            terminal.release()
+
+
+def run(spec: SweepSpec, args: argparse.Namespace, tracking_uri: str) -> int:
+    """Ray, the data, the warm starts and the trials, then the summary and the link."""
+    init_ray(args.address, spec)  # a cluster that cannot place a trial is refused here
+    data = prepare(spec)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from orchestrator.tracking import SweepTracker
 
@@ -456,8 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     summarize(spec, tracker)
     tracker.client.set_terminated(tracker.parent_id)
     print_results_link(tracking_uri, tracker.experiment_id, spec)
+    from orchestrator.console import terminal
+
+    if terminal.log_path:
+        try:
+            tracker.client.log_artifact(tracker.parent_id, terminal.log_path)
+        except Exception as error:  # the log stays on disk; the sweep's record is whole
+            log.warning("could not log %s to MLflow (%s)", terminal.log_path, error)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(release_terminal=False))

@@ -19,6 +19,7 @@ import json
 import logging
 
 from orchestrator.config import TrialConfig, config_to_dict
+from orchestrator.console import say
 from orchestrator.data import PreparedData, storage_filesystem
 from orchestrator.search import VARIANT, SweepSpec
 
@@ -145,7 +146,7 @@ def ensure_warm_starts(
         if checkpoint is None:
             todo[key] = cfg
         else:
-            print(f"warm start {key}: reused from {checkpoint}")
+            say(f"warm start {key}: reused from {checkpoint}")
             found[key] = checkpoint
     limit = max_concurrent or spec.search.max_concurrent_trials
     fit = ray.remote(num_cpus=0, max_retries=0)(fit_warm_start)
@@ -154,13 +155,13 @@ def ensure_warm_starts(
         while waiting and len(running) < limit:
             key = waiting.pop(0)
             cfg = todo[key]
-            print(f"warm start {key}: {cfg.relora.warm_start_steps} full-rank steps, shared by the trials")
+            say(f"warm start {key}: {cfg.relora.warm_start_steps} full-rank steps, shared by the trials")
             running[fit.remote(cfg, data, key, storage)] = key
         (done,), _ = ray.wait(list(running), num_returns=1)
         key = running.pop(done)
         checkpoint = ray.get(done)
         tracker.log_warm_start(key, config_to_dict(todo[key]), read_history(checkpoint), checkpoint)
         store.put(key, checkpoint)
-        print(f"warm start {key}: done ({len(found) + 1} of {len(found) + len(waiting) + len(running) + 1})")
+        say(f"warm start {key}: done ({len(found) + 1} of {len(found) + len(waiting) + len(running) + 1})")
         found[key] = checkpoint
     return found

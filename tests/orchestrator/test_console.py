@@ -386,3 +386,58 @@ def test_a_real_tune_run_prints_one_line_per_restart_early_stop_and_failure(tmp_
     ]
     assert [line.split(": ", 1)[1] for line in bad] == ["stopped early by ASHA at step 2 (best val_ppl 100)"]
     assert len(fail) == 1 and "RuntimeError: boom in the trial" in fail[0] and fail[0].endswith("no retries left")
+
+
+def test_a_failing_trial_s_cause_reaches_the_terminal_and_the_rest_goes_to_the_log(tmp_path):
+    """A real Ray Tune run in a process whose output is captured as a sweep's is: the terminal
+    gets the trial's one-line failure, the progress line and where the log is; the worker's
+    prints, Tune's tables and the traceback go to the log only."""
+    script = textwrap.dedent(
+        """
+        import pathlib, sys
+        from orchestrator import console
+
+        console.terminal.capture(pathlib.Path(sys.argv[1]))
+        import ray
+        from ray import tune
+
+        ray.init(num_cpus=2, include_dashboard=False)
+
+        def trainable(config):
+            print("NOISE from the trial's process")
+            raise ValueError("the schedule has no steps")
+
+        tune.Tuner(
+            trainable,
+            param_space={"x": tune.grid_search([1])},
+            run_config=tune.RunConfig(
+                name="fails", storage_path=sys.argv[2], verbose=1,
+                callbacks=[console.console_callback("val_ppl", "min", total=1)],
+            ),
+        ).fit()
+        ray.shutdown()
+        console.say("full log: " + sys.argv[1])
+        console.terminal.release()
+        print("released")
+        """
+    )
+    log = tmp_path / "logs" / "sweep.log"
+    env = {k: v for k, v in os.environ.items() if k not in (console.RUNTIME_ENV_HOOK_ENV, console.CHAINED_HOOK_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(log), str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    terminal = done.stdout.splitlines() + done.stderr.splitlines()
+    assert done.returncode == 0, log.read_text()[-3000:] if log.exists() else done.stderr[-3000:]
+    failed = [line for line in terminal if ": failed" in line]
+    assert len(failed) == 1 and "ValueError: the schedule has no steps" in failed[0], terminal
+    assert failed[0].endswith("no retries left")
+    assert terminal[-3:] == [f"[{'#' * 24}] 1/1 trials done, 0 running", f"full log: {log}", "released"], terminal
+    assert len(terminal) == 4, terminal
+    text = log.read_text()
+    assert "NOISE from the trial's process" in text and "Traceback" in text and "Trial status" in text
+    assert failed[0] in text and f"full log: {log}" in text  # the log has the terminal's lines too

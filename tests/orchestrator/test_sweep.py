@@ -72,6 +72,13 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlfl
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert "resuming the sweep" in out.stdout and "reused from" in out.stdout  # the warm starts too
     assert "best val_ppl" in out.stdout and "open the results" in out.stdout
+    # A user reads the product's lines only (header, trial events, progress, summary, link):
+    # Ray's, Tune's, DeepSpeed's and the workers' output is in the log the last line names.
+    terminal = out.stdout.splitlines() + out.stderr.splitlines()
+    assert len(terminal) <= 40, "\n".join(terminal)
+    assert terminal[-1].startswith("full log: "), terminal[-3:]
+    log = Path(terminal[-1].removeprefix("full log: "))
+    assert log.is_relative_to(tmp_path) and "Trial status" in log.read_text()  # beside the sweep's trials
 
     parents = [r for r in runs() if r.data.tags.get("sweep_role") == "parent"]
     assert len(parents) == 1, "the resumed sweep keeps its parent run"
