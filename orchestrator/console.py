@@ -149,8 +149,23 @@ class TrialEvents:
         self.metric, self.mode = metric, mode
         self.last: dict[str, dict] = {}  # trial id -> its last result
         self.best: dict[str, float] = {}  # trial id -> its best value of the metric so far
+        self.held: dict[str, str] = {}  # trial id -> its start line, until its switch to low rank
 
     def report(self, trial_id: str, result: dict) -> str | None:
+        """The line for this report, if it is an event. A start from the shared warm start is
+        held back for the switch to low rank that follows at once: one line says both."""
+        held = self.held.pop(trial_id, None)
+        line = self._report(trial_id, result)
+        if result.get("event") == "start" and result.get("from_warm_start"):
+            self.held[trial_id] = line
+            return held
+        if held and result.get("event") == "switch":
+            params = result.get("trainable_params")
+            trainable = f": {int(params):,} trainable parameters" if isinstance(params, (int, float)) else ""
+            return f"{held}; switched to low rank{trainable}"
+        return "\n".join(filter(None, (held, line))) or None
+
+    def _report(self, trial_id: str, result: dict) -> str | None:
         self.last[trial_id] = result
         value = result.get(self.metric)
         if isinstance(value, (int, float)) and math.isfinite(value):
@@ -196,12 +211,14 @@ class TrialEvents:
     def complete(self, trial_id: str) -> str | None:
         """A trial ended without error: done (its line came with the report), stopped on a
         non-finite loss (likewise), or stopped early by ASHA (said here)."""
+        held = self.held.pop(trial_id, None)
         last = self.last.get(trial_id, {})
         if last.get("event") == "done" or last.get("stop_reason"):
-            return None
+            return held
         best = self.best.get(trial_id)
         value = f" (best {self.metric} {_num(best)})" if best is not None else ""
-        return f"trial {trial_id}: stopped early by ASHA at step {last.get('step', '?')}{value}"
+        stopped = f"trial {trial_id}: stopped early by ASHA at step {last.get('step', '?')}{value}"
+        return f"{held}\n{stopped}" if held else stopped
 
     def error(self, trial_id: str, message: str | None, *, retrying: bool) -> str:
         """A trial's failure, on one line: the last line of its error (the exception)."""
@@ -212,7 +229,9 @@ class TrialEvents:
         step = self.last.get(trial_id, {}).get("step")
         at = f" after step {step}" if step is not None else ""
         then = "retrying from its last checkpoint" if retrying else "no retries left"
-        return f"trial {trial_id}: failed{at} ({cause}); {then}"
+        failed = f"trial {trial_id}: failed{at} ({cause}); {then}"
+        held = self.held.pop(trial_id, None)
+        return f"{held}\n{failed}" if held else failed
 
 
 def _error_message(trial) -> str | None:
@@ -331,7 +350,8 @@ class WarningsToTerminal(logging.Handler):
 
 class Progress:
     """The sweep's progress: trials done and running, and the best value so far. On a TTY a
-    bar redrawn in place at every report; elsewhere (a log, CI) one line when a trial ends."""
+    bar redrawn in place at every report; elsewhere (a log file, CI) the standing is added to
+    the line that says a trial ended."""
 
     def __init__(self, total: int, metric: str, mode: str, width: int = 24) -> None:
         self.total, self.metric, self.mode, self.width = total, metric, mode, width
@@ -339,12 +359,13 @@ class Progress:
         self.done: set[str] = set()
         self.best: tuple[float, str] | None = None
 
-    def line(self) -> str:
-        done = len(self.done)
-        filled = round(self.width * done / self.total) if self.total else 0
-        bar = "#" * filled + "." * (self.width - filled)
+    def standing(self) -> str:
         best = f", best {self.metric} {_num(self.best[0])} ({self.best[1]})" if self.best else ""
-        return f"[{bar}] {done}/{self.total} trials done, {len(self.running)} running{best}"
+        return f"{len(self.done)}/{self.total} trials done, {len(self.running)} running{best}"
+
+    def line(self) -> str:
+        filled = round(self.width * len(self.done) / self.total) if self.total else 0
+        return f"[{'#' * filled}{'.' * (self.width - filled)}] {self.standing()}"
 
     def _count(self, trials: list) -> None:
         """Trials done and running, read from Tune's trials (whole after a resume) and the ends seen."""
@@ -366,13 +387,15 @@ class Progress:
             self._count(trials)
             terminal.draw_live(self.line())
 
-    def ended(self, trials: list, trial_id: str) -> None:
+    def ended(self, trials: list, trial_id: str) -> str:
+        """Count the trial's end. On a TTY the bar is redrawn and "" returned; elsewhere the
+        standing, for the end's line: " [2/4 trials done, 1 running, best val_ppl 717.3 (t2)]"."""
         self.done.add(trial_id)
         self._count(trials)
         if terminal.is_tty():
             terminal.draw_live(self.line())
-        else:
-            terminal.say(self.line())
+            return ""
+        return f" [{self.standing()}]"
 
 
 def console_callback(metric: str, mode: str, printer=say, total: int | None = None):
@@ -388,7 +411,11 @@ def console_callback(metric: str, mode: str, printer=say, total: int | None = No
             self.events = TrialEvents(metric, mode)
             self.progress = Progress(total, metric, mode) if total else None
 
-        def _say(self, line: str | None) -> None:
+        def _say(self, line: str | None, trials=None, ended: str | None = None) -> None:
+            """``line``, with the sweep's standing when it says that trial ``ended``."""
+            if self.progress and ended and ended not in self.progress.done:
+                standing = self.progress.ended(trials, ended)
+                line = line + standing if line else None
             if line:
                 printer(line)
 
@@ -397,21 +424,19 @@ def console_callback(metric: str, mode: str, printer=say, total: int | None = No
                 self.progress.started(trials, trial.trial_id)
 
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            self._say(self.events.report(trial.trial_id, result))
             if self.progress:
                 self.progress.result(trials, trial.trial_id, result.get(metric))
+            last = result.get("event") == "done" or bool(result.get("stop_reason"))
+            self._say(self.events.report(trial.trial_id, result), trials, trial.trial_id if last else None)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._say(self.events.complete(trial.trial_id))
-            if self.progress:
-                self.progress.ended(trials, trial.trial_id)
+            self._say(self.events.complete(trial.trial_id), trials, trial.trial_id)
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
             self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=True))
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._say(self.events.error(trial.trial_id, _error_message(trial), retrying=False))
-            if self.progress:
-                self.progress.ended(trials, trial.trial_id)
+            line = self.events.error(trial.trial_id, _error_message(trial), retrying=False)
+            self._say(line, trials, trial.trial_id)
 
     return ConsoleCallback()

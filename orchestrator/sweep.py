@@ -405,7 +405,7 @@ def summarize(spec: SweepSpec, tracker) -> None:
     if registered:
         best, version = registered
         best_value = f"{s.metric} {best['best']:.3f}"
-        say(f"\nbest trial {best['trial']} ({best_value}) registered as {registry} version {version}")
+        say(f"best trial {best['trial']} ({best_value}) registered as {registry} version {version}")
 
 
 def print_results_link(tracking_uri: str, experiment_id: str, spec: SweepSpec) -> None:
@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None, *, release_terminal: bool = True) -> int
     finally:
         logging.getLogger("orchestrator").removeHandler(warnings_handler)
         if terminal.log_path:
-            say(f"\nfull log: {terminal.log_path}")
+            say(f"full log: {terminal.log_path}")
         if release_terminal:
             terminal.release()
 

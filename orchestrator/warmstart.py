@@ -151,12 +151,16 @@ def ensure_warm_starts(
     limit = max_concurrent or spec.search.max_concurrent_trials
     fit = ray.remote(num_cpus=0, max_retries=0)(fit_warm_start)
     waiting, running = list(todo), {}
+    if todo:
+        steps = sorted({cfg.relora.warm_start_steps for cfg in todo.values()})
+        say(
+            f"warm starts: training {len(todo)} ({'/'.join(map(str, steps))} full-rank steps), "
+            f"{min(limit, len(todo))} at a time: {', '.join(todo)}"
+        )
     while waiting or running:
         while waiting and len(running) < limit:
             key = waiting.pop(0)
-            cfg = todo[key]
-            say(f"warm start {key}: {cfg.relora.warm_start_steps} full-rank steps, shared by the trials")
-            running[fit.remote(cfg, data, key, storage)] = key
+            running[fit.remote(todo[key], data, key, storage)] = key
         (done,), _ = ray.wait(list(running), num_returns=1)
         key = running.pop(done)
         checkpoint = ray.get(done)
