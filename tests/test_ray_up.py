@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -72,6 +73,32 @@ def user_processes() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["username"]) if p.info["username"] == USER]
 
 
+def seed_head_venv(venv: Path) -> None:
+    """The head's image with this project's dependencies on it already, as a GPU image has torch:
+    `~/relora-venv` made by the head's own python3, holding a copy of this venv's packages and
+    commands (not this checkout's own install). cluster.local.yaml's setup commands then run as
+    written: `python3 -m venv` keeps it, `pip install -e` finds every requirement met and
+    installs the synced checkout. What is skipped is downloading them (191 s of CI here).
+    A head Python of another minor version gets no seed: it installs everything, as before."""
+    python = shutil.which("python3", path="/usr/bin") or "/usr/bin/python3"
+    version = subprocess.run([python, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True)
+    if version.stdout.strip() != str(sys.version_info[:2]):
+        return
+    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    target = subprocess.run([venv / "bin" / "python", "-c", purelib], capture_output=True, text=True, check=True)
+    ours = shutil.ignore_patterns("relora_sweeps*", "__editable__*relora*", "pip", "pip-*")
+    source = sysconfig.get_paths()["purelib"]
+    shutil.copytree(source, target.stdout.strip(), symlinks=True, ignore=ours, dirs_exist_ok=True)
+    for script in Path(sys.executable).parent.iterdir():  # `ray`, `mlflow`, ... with the head venv's python
+        if script.name.startswith(("python", "activate", "pip", "Activate")) or not script.is_file():
+            continue
+        lines = script.read_bytes().split(b"\n", 1)
+        if len(lines) == 2 and lines[0].startswith(b"#!") and b"python" in lines[0]:
+            (venv / "bin" / script.name).write_bytes(b"#!" + str(venv / "bin" / "python").encode() + b"\n" + lines[1])
+            (venv / "bin" / script.name).chmod(0o755)
+
+
 @pytest.fixture(scope="module")
 def machine():
     reason = missing_requirement()
@@ -87,6 +114,7 @@ def machine():
     (root / "shared").chmod(0o777)
     subprocess.run(["userdel", "-r", USER], capture_output=True)
     subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/bin/bash", "-p", "*", USER], check=True)
+    seed_head_venv(home / "relora-venv")
     uid = pwd.getpwnam(USER).pw_uid
     key = root / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
