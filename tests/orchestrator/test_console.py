@@ -451,3 +451,29 @@ def test_a_failing_trial_s_cause_reaches_the_terminal_and_the_rest_goes_to_the_l
     text = log.read_text()
     assert "NOISE from the trial's process" in text and "Traceback" in text and "Trial status" in text
     assert failed[0] in text and f"full log: {log}" in text  # the log has the terminal's lines too
+
+
+def test_on_a_tty_the_progress_is_a_bar_redrawn_in_place_under_the_event_lines(monkeypatch):
+    """A terminal (a TTY): the bar is redrawn on its own line at each report and cleared before
+    an event line, which then ends without the standing (the bar shows it)."""
+    import io
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Tty()
+    monkeypatch.setattr(console.terminal, "out", screen)
+    monkeypatch.setattr(console.terminal, "_live", "")  # the drawn line: put back after the test
+    progress = console.Progress(total=2, metric="val_ppl", mode="min", width=4)
+    trials = [SimpleNamespace(trial_id="a", status="RUNNING"), SimpleNamespace(trial_id="b", status="PENDING")]
+    progress.started(trials, "a")
+    progress.result(trials, "a", 50.0)
+    console.say("trial a: restart 1 at step 40")
+    trials[0].status = "TERMINATED"
+    assert progress.ended(trials, "a") == ""
+    text = screen.getvalue()
+    assert text.count("\r\x1b[K[....] 0/2 trials done, 1 running") >= 1
+    bar = "\r\x1b[K[....] 0/2 trials done, 1 running, best val_ppl 50 (a)"
+    assert bar + "\r\x1b[Ktrial a: restart 1 at step 40\n" + bar in text  # cleared, said, redrawn
+    assert text.endswith("\r\x1b[K[##..] 1/2 trials done, 0 running, best val_ppl 50 (a)")
