@@ -307,8 +307,9 @@ class Terminal:
         """One line to the terminal (stderr for an error), and to the log when captured."""
         self.clear_live()
         print(line, file=self.err if error else self.out, flush=True)
-        if self.captured:
-            print(line, flush=True)  # fd 1: the log
+        if self.captured:  # the log is fd 1 now (sys.stdout may be a caller's stream: not twice there)
+            sys.stdout.flush()
+            os.write(1, (line + "\n").encode("utf-8", "replace"))
         self.draw_live(self._live)
 
     def is_tty(self) -> bool:
