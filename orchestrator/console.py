@@ -345,7 +345,7 @@ class WarningsToTerminal(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if terminal.captured:
-            first = record.getMessage().strip().splitlines()[0][:300] if record.getMessage().strip() else ""
+            first = (record.getMessage().strip().splitlines() or [""])[0][:300]
             terminal.say(f"{record.levelname.lower()}: {first}", error=record.levelno >= logging.ERROR)
 
 
