@@ -30,6 +30,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.ray  # a real `ray up` (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[1]
 USER = "relora-rayup"
 DASHBOARD = "http://127.0.0.1:8265"
@@ -63,10 +65,14 @@ class Machine:
     laptop_env: dict
 
     def run(self, *command: str, timeout: float = 900, **kwargs) -> subprocess.CompletedProcess:
-        """A command on the laptop, from this checkout, as the README runs it."""
-        return subprocess.run(
+        """A command on the laptop, from this checkout, as the README runs it; its time is printed
+        (pytest shows it with a failure, or under -s)."""
+        started = time.monotonic()
+        done = subprocess.run(
             command, cwd=REPO, env=self.laptop_env, text=True, capture_output=True, timeout=timeout, **kwargs
         )
+        print(f"{time.monotonic() - started:6.1f} s  {' '.join(command[:6])}")
+        return done
 
 
 def user_processes() -> list[psutil.Process]:

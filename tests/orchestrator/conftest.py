@@ -71,9 +71,14 @@ def trial_dict(tmp_path: Path, data_cache: Path | None = None, **overrides) -> d
 
 
 @pytest.fixture
-def make_trial(shakespeare, tmp_path, data_cache):
-    """``make_trial(**{"section__key": value})``: the test trial as a dict, with overrides."""
-    return lambda **overrides: trial_dict(tmp_path, data_cache, **overrides)
+def make_trial(shakespeare, tmp_path, request):
+    """``make_trial(**{"section__key": value})``: the test trial as a dict, with overrides.
+
+    Its data is the session's prepared cache when the test also uses `data_cache` (directly or
+    through `local_ray`); otherwise a cache path of its own, never prepared: a test that only
+    reads a config starts no Ray, and runs beside the Ray tests (tests/conftest.py)."""
+    cache = request.getfixturevalue("data_cache") if "data_cache" in request.fixturenames else None
+    return lambda **overrides: trial_dict(tmp_path, cache, **overrides)
 
 
 @pytest.fixture(scope="session")

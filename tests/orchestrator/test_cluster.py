@@ -28,6 +28,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import config_from_dict
 
+pytestmark = pytest.mark.ray  # a multi-node Ray on this machine (tests/conftest.py)
+
 REPO = Path(__file__).resolve().parents[2]
 WORKER_NODES = ("node_b", "node_c")
 
@@ -124,7 +126,7 @@ def sweep_spec(tmp_path: Path, data_cache: Path, name: str, total_steps: int, ra
     del spec["scaling"]  # a sweep sets its workers in search.resources
     spec["run"] = {"name": name, "max_failures": 2}  # storage: $RELORA_STORAGE, set on the head
     spec["relora"].update(warm_start_steps=20, restart_every=20)
-    spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10)
+    spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10, micro_batch_size=16)
     spec["search"] = {
         "params": {"relora.rank": {"grid": ranks}},
         "scheduler": {"type": "none"},
@@ -156,87 +158,106 @@ def merges_in_history(client: MlflowClient, run_id: str, tmp_path: Path) -> list
     return [e["at_step"] for e in events if e.get("event") == "restart"]
 
 
-def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, data_cache, tmp_path):
-    spec = sweep_spec(tmp_path, data_cache, "cluster-sweep", total_steps=50, ranks=[2, 4])
-    job = cluster.submit(spec, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = job.communicate(timeout=900)
-    assert job.returncode == 0 and "succeeded" in out, out[-6000:]
-    # The README's other job commands: the job is listed, and its log holds the summary.
-    (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", out))
-    assert job_id in cluster.ray("job", "list", "--address", cluster.dashboard).stdout
-    assert "best trial" in cluster.ray("job", "logs", job_id, "--address", cluster.dashboard).stdout
+@dataclass
+class NodeLossSweep:
+    """One sweep of two trials, one per worker node, with the node of one of them lost mid-run."""
 
-    client = MlflowClient(cluster.mlflow)
-    runs = trial_runs(client, "cluster-sweep")
-    assert len(runs) == 2
-    assert {r.data.tags["status"] for r in runs} == {"completed"}
-    used = [set(r.data.tags["ray_nodes"].split(",")) for r in runs]
-    # Each trial ran on one worker node, and the two trials ran at once on both of them.
-    assert all(len(nodes) == 1 for nodes in used)
-    assert set.union(*used) == set(cluster.node_ids.values())
-    for run in runs:
-        logged = client.get_logged_model(run.data.tags["logged_model_id"])
-        assert {a.path for a in client.list_logged_model_artifacts(logged.model_id, "model")} >= {
-            "model/model.safetensors"
-        }
-        assert merges_in_history(client, run.info.run_id, tmp_path / run.info.run_id) == expected_merges(spec)
-    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
-    assert parent.info.status == "FINISHED"
-
-    # Everything the trials wrote is on the shared storage path: data, warm start, checkpoints.
-    assert list(cluster.storage.glob("data/blocks-*/meta.json"))
-    assert list(cluster.storage.glob("warm-starts/*.json"))
-    assert list(cluster.storage.glob("cluster-sweep-trials/*/checkpoint_*/merged/model/model.safetensors"))
+    spec: Path
+    returncode: int  # `ray job submit`'s
+    output: str  # what it printed
+    killed_run_id: str
+    first_node: str  # the node the killed trial ran on until then
+    reached: int  # the last step its first attempt reported
 
 
-def test_a_lost_node_costs_only_the_steps_since_the_last_checkpoint(cluster, data_cache, tmp_path):
-    spec = sweep_spec(tmp_path, data_cache, "node-loss", total_steps=120, ranks=[4])
+@pytest.fixture(scope="module")
+def node_loss_sweep(cluster, data_cache, tmp_path_factory) -> NodeLossSweep:
+    """The README's `ray job submit` of a two-trial sweep, one trial per worker node; once one
+    trial is past two checkpoints (steps 30 and 40), its node is taken away: killed the way a
+    machine is lost. Both tests below read this one sweep (it takes about 2 minutes)."""
+    tmp_path = tmp_path_factory.mktemp("node-loss")
+    spec = sweep_spec(tmp_path, data_cache, "node-loss", total_steps=80, ranks=[2, 4])
     log = (tmp_path / "job.log").open("w")
     job = cluster.submit(spec, stdout=log, stderr=subprocess.STDOUT)
     client = MlflowClient(cluster.mlflow)
 
-    # Wait until the trial is past two checkpoints (steps 30 and 40), then take its node away.
+    def train_steps(run) -> list[int]:
+        return [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
+
     deadline = time.time() + 600
     while True:
         assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-6000:]
-        runs = trial_runs(client, "node-loss")
-        if runs and "ray_nodes" in runs[0].data.tags:
-            steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
-            if steps and max(steps) >= 45:
-                break
+        placed = [r for r in trial_runs(client, "node-loss") if "ray_nodes" in r.data.tags]
+        past = [(max(steps), r) for r in placed if (steps := train_steps(r)) and max(steps) >= 45]
+        if past:
+            break
         time.sleep(0.5)
-    (first_node,) = runs[0].data.tags["ray_nodes"].split(",")
+    reached, run = past[0]
+    (first_node,) = run.data.tags["ray_nodes"].split(",")
     killed = next(name for name, node_id in cluster.node_ids.items() if node_id == first_node)
     cluster.kill_node(killed)
 
     # The steps the lost attempt got to report: the run logs each step once, so until the trial
     # resumes, every step in its history is one the first attempt trained (reports still in
     # flight when the node died land here too, which is why this is read after the kill).
-    run_id = runs[0].info.run_id
-    reached = max(steps)
     while job.poll() is None and time.time() < deadline:
-        history = [m.step for m in client.get_metric_history(run_id, "train_loss")]
-        if "resumes" in client.get_run(run_id).data.tags:
+        history = train_steps(run)
+        if "resumes" in client.get_run(run.info.run_id).data.tags:
             break
         reached = max([reached, *history])
         time.sleep(0.2)
 
     job.wait(timeout=900)
     log.close()
-    output = (tmp_path / "job.log").read_text()
-    assert job.returncode == 0 and "succeeded" in output, output[-6000:]
+    return NodeLossSweep(spec, job.returncode, (tmp_path / "job.log").read_text(), run.info.run_id, first_node, reached)
 
-    (run,) = trial_runs(client, "node-loss")  # one MLflow run for the trial, restart and all
+
+def test_job_submitted_sweep_spreads_trials_over_nodes(cluster, node_loss_sweep, tmp_path):
+    sweep = node_loss_sweep
+    assert sweep.returncode == 0 and "succeeded" in sweep.output, sweep.output[-6000:]
+    # The README's other job commands: the job is listed, and its log holds the summary.
+    (job_id,) = set(re.findall(r"Job '(raysubmit_\w+)' succeeded", sweep.output))
+    assert job_id in cluster.ray("job", "list", "--address", cluster.dashboard).stdout
+    assert "best trial" in cluster.ray("job", "logs", job_id, "--address", cluster.dashboard).stdout
+
+    client = MlflowClient(cluster.mlflow)
+    runs = trial_runs(client, "node-loss")
+    assert len(runs) == 2
+    assert {r.data.tags["status"] for r in runs} == {"completed"}
+    # The two trials ran at once, one on each worker node (the lost one's later attempt on the
+    # node the other left free).
+    (survivor,) = [r for r in runs if r.info.run_id != sweep.killed_run_id]
+    (survivor_node,) = survivor.data.tags["ray_nodes"].split(",")
+    assert {survivor_node, sweep.first_node} == set(cluster.node_ids.values())
+    for run in runs:
+        logged = client.get_logged_model(run.data.tags["logged_model_id"])
+        assert {a.path for a in client.list_logged_model_artifacts(logged.model_id, "model")} >= {
+            "model/model.safetensors"
+        }
+        assert merges_in_history(client, run.info.run_id, tmp_path / run.info.run_id) == expected_merges(sweep.spec)
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+
+    # Everything the trials wrote is on the shared storage path: data, warm start, checkpoints.
+    assert list(cluster.storage.glob("data/blocks-*/meta.json"))
+    assert list(cluster.storage.glob("warm-starts/*.json"))
+    assert list(cluster.storage.glob("node-loss-trials/*/checkpoint_*/merged/model/model.safetensors"))
+
+
+def test_a_lost_node_costs_only_the_steps_since_the_last_checkpoint(cluster, node_loss_sweep, tmp_path):
+    sweep = node_loss_sweep
+    client = MlflowClient(cluster.mlflow)
+    run = client.get_run(sweep.killed_run_id)  # one MLflow run for the trial, restart and all
     tags = run.data.tags
     assert tags["status"] == "completed"
     assert tags["resumes"] == "1"
     resumed_at = int(tags["resumed_at_steps"])
     # It resumed from the last checkpoint (every 10 steps) before what it had reached, or the one
     # before if the node died while that checkpoint's report was on its way.
-    assert resumed_at % 10 == 0 and 40 <= resumed_at <= reached < resumed_at + 20, (resumed_at, reached)
+    assert resumed_at % 10 == 0 and 40 <= resumed_at <= sweep.reached < resumed_at + 20, (resumed_at, sweep.reached)
     assert set(tags["ray_nodes"].split(",")) == set(cluster.node_ids.values())  # it moved to the other node
     # The same merges as an uninterrupted run: each restart step once, none skipped or repeated.
-    assert merges_in_history(client, run.info.run_id, tmp_path) == expected_merges(spec) == [40, 60, 80, 100]
-    assert tags["merges"] == "4"
+    assert merges_in_history(client, run.info.run_id, tmp_path) == expected_merges(sweep.spec) == [40, 60]
+    assert tags["merges"] == "2"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_ppl")]
-    assert steps == sorted(set(steps)) and steps[-1] == 120
+    assert steps == sorted(set(steps)) and steps[-1] == 80

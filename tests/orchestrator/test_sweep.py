@@ -23,16 +23,27 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
+pytestmark = pytest.mark.ray  # sweeps on a local Ray (tests/conftest.py)
+
 # One shared warm start per LR. ASHA only compares trials with each other: a far lower LR makes a
 # certainly worse trial, which it stops at its first rung whichever of the pair gets there first.
 LRS = [0.003, 0.00003]
 RANKS = [4, 8]
 
 
-def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(make_trial, mlflow_server, tmp_path, monkeypatch):
+def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(
+    make_trial, data_cache, mlflow_server, tmp_path, monkeypatch
+):
     """The sweep end to end, killed mid-run (driver and its local Ray) and run again: each trial
     keeps its one MLflow run and continues from its checkpoint, and the record is whole."""
-    spec = make_trial(train__total_steps=60, train__checkpoint_every=10, run__name="e2e", run__max_failures=1)
+    # One micro-batch per step and worker (the trial tests cover gradient accumulation).
+    spec = make_trial(
+        train__total_steps=60,
+        train__checkpoint_every=10,
+        train__micro_batch_size=8,
+        run__name="e2e",
+        run__max_failures=1,
+    )
     spec["search"] = {
         "params": {"optim.lr": {"grid": LRS}, "relora.rank": {"grid": RANKS}},
         "metric": "val_ppl",
@@ -210,7 +221,7 @@ def test_credentials_in_the_storage_uri_are_not_printed(make_trial):
     assert "s3://***@bucket/sweeps" in shown and "SECRET" not in shown and "AKIA" not in shown
 
 
-def test_a_budget_larger_than_the_data_is_refused_before_any_work(make_trial, tmp_path, capsys):
+def test_a_budget_larger_than_the_data_is_refused_before_any_work(make_trial, data_cache, tmp_path, capsys):
     """The data is cached (the session's fixture prepared it): the dry run knows both numbers."""
     from orchestrator.sweep import main
 
@@ -261,6 +272,7 @@ def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
         train__total_steps=60,
         train__eval_every=5,
         train__checkpoint_every=20,
+        train__micro_batch_size=8,  # one micro-batch per worker and step: this sweep is about ASHA's rungs
         run__name="fair",
         run__max_failures=0,
     )

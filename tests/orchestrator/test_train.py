@@ -19,6 +19,8 @@ from orchestrator.config import config_from_dict
 from orchestrator.data import load_blocks, prepare_data
 from orchestrator.train import make_trainer, read_history
 
+pytestmark = pytest.mark.ray  # trials on a local Ray (tests/conftest.py)
+
 
 def run_trial(trial: dict, *, name: str = "trial", kill_after_checkpoint: int | None = None):
     """Fit one trial; with ``kill_after_checkpoint``, SIGKILL one of its workers from outside
@@ -270,7 +272,7 @@ def test_reports_are_taken_without_stalling_unless_the_user_tuned_it(make_trial,
     assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "3"
 
 
-def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, tmp_path, monkeypatch):
+def test_a_single_trial_is_recorded_in_mlflow_as_a_sweep_records_a_trial(make_trial, data_cache, tmp_path, monkeypatch):
     """`python -m orchestrator.train --tracking-uri`: a run with every config key resolved (and a
     `config.yaml` that the same command takes as it is), the curves, its status, per-layer update
     ranks as a table and a heatmap, and the merged model, logged once as a `transformers` model that
