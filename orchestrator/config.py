@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -140,12 +141,17 @@ class TrainConfig:
     log_every: Steps = 5  # steps between train-loss reports
     # Singular values of a merged update above this count towards its rank.
     update_rank_threshold: Annotated[float, Field(ge=0, le=1e6)] = 0.1
+    # What runs the workers' steps: "deepspeed" (ZeRO, the `deepspeed` section), "ddp" (PyTorch
+    # DistributedDataParallel: every rank holds the whole optimizer state), or "auto": ddp for
+    # relora.method galore, which ZeRO cannot run, deepspeed for the rest.
+    engine: Literal["auto", "deepspeed", "ddp"] = "auto"
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: Literal[1, 2, 3] = 2
-    # "auto": bf16 on GPUs, fp32 on CPUs (gloo); or force one of them.
+    # "auto": bf16 on GPUs, fp32 on CPUs (gloo); or force one of them. Under train.engine ddp,
+    # bf16 is autocast over fp32 weights.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
 
 
@@ -193,6 +199,13 @@ class TrialConfig:
         return self.train.total_steps * self.train.global_batch_size * self.data.seq_len
 
     @property
+    def engine(self) -> Literal["deepspeed", "ddp"]:
+        """The engine `train.engine` resolves to: "auto" is ddp for GaLore, deepspeed otherwise."""
+        if self.train.engine == "auto":
+            return "ddp" if self.relora.method == "galore" else "deepspeed"
+        return self.train.engine
+
+    @property
     def grad_accum_steps(self) -> int:
         """Micro-batches per worker per optimizer step: global / (micro * workers)."""
         return self.train.global_batch_size // (self.train.micro_batch_size * self.scaling.num_workers)
@@ -233,6 +246,7 @@ def _check_bounds(cfg: TrialConfig) -> None:
         ("relora.alpha", r.alpha, 1e6),
         ("relora.restart_every", r.restart_every, STEPS),
         ("relora.warm_start_steps", r.warm_start_steps, STEPS),
+        ("relora.update_proj_gap", r.update_proj_gap, STEPS),
         ("optim.lr", cfg.optim.lr, 10.0),
     ):
         if value > limit:
@@ -259,6 +273,20 @@ def _check_target_modules(cfg: TrialConfig) -> None:
                 f"matches no linear layer of {cfg.model.name}, got {shown(module)}; "
                 f"choose from {list(relora.LLAMA_TARGET_MODULES)}",
             )
+
+
+def _check_method(cfg: TrialConfig) -> None:
+    """GaLore's optimizer needs each gradient in its weight's shape, and its package installed."""
+    if cfg.relora.method != "galore":
+        return
+    if cfg.engine == "deepspeed":
+        raise ConfigError(
+            "relora.method",
+            "'galore' cannot run under DeepSpeed ZeRO, which flattens the 2-D gradients GaLore projects into "
+            "partitions: set train.engine to ddp (or auto)",
+        )
+    if importlib.util.find_spec("galore_torch") is None:
+        raise ConfigError("relora.method", "'galore' needs the galore-torch package: pip install galore-torch==1.0")
 
 
 def _check_relations(cfg: TrialConfig) -> None:
@@ -302,7 +330,8 @@ def _check_relations(cfg: TrialConfig) -> None:
     _check_target_modules(cfg)
     _check_bounds(cfg)
     _check_run_name(cfg.run.name)
-    if cfg.deepspeed.zero_stage == 3:
+    _check_method(cfg)
+    if cfg.deepspeed.zero_stage == 3 and cfg.engine == "deepspeed":
         raise ConfigError(
             "deepspeed.zero_stage",
             "stage 3 is refused: a ReLoRA restart rewrites every target weight from B @ A, which under "
@@ -564,11 +593,24 @@ def known_key(path: str) -> bool:
 def replace_dotted(cfg: Any, path: str, value: Any) -> Any:
     """A copy of the config dataclass ``cfg`` with ``value`` at ``path``; every __post_init__ on
     the way runs again. For values already checked (a sweep's samples, checked at load)."""
-    head, _, rest = path.partition(".")
-    if rest:
-        return dataclasses.replace(cfg, **{head: replace_dotted(getattr(cfg, head), rest, value)})
-    hint = typing.get_type_hints(type(cfg), include_extras=True)[head]
-    return dataclasses.replace(cfg, **{head: _adapter(hint).validate_python(value)})  # [0.9, 0.99] -> a tuple
+    return replace_values(cfg, {path: value})
+
+
+def replace_values(cfg: Any, values: dict[str, Any]) -> Any:
+    """``replace_dotted`` of several paths at once: the keys of one section change together, so
+    that no section is built half-changed (method galore before its warm_start_steps 0)."""
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = _adapter(hints[head]).validate_python(value)  # [0.9, 0.99] -> a tuple
+    for head, section_values in nested.items():
+        changes[head] = replace_values(getattr(cfg, head), section_values)
+    return dataclasses.replace(cfg, **changes)
 
 
 def config_from_dict(data: dict) -> TrialConfig:

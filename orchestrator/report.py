@@ -1,6 +1,11 @@
 """The end of a sweep: a summary table, plots on the parent run, the best model registered;
 and the per-layer update ranks of a run as a table and a heatmap.
 
+Each row puts a trial's cost beside its result: its mean training throughput and the memory
+one of its workers held (parameters, gradients and optimizer state; on GPUs also the device's
+peak) as its last engine measured it: a ReLoRA trial's low-rank phase, not its warm start.
+So methods compare on all three.
+
 Everything is read back from MLflow, so a resumed sweep reports on all its trials,
 including those that finished before the interruption.
 """
@@ -22,6 +27,14 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG  # noqa: E402
 
+# The cost columns: (MLflow metric, header, how a trial's values reduce to one).
+COSTS = (
+    ("tokens_per_s", "tokens/s", "mean"),
+    ("memory_total_bytes", "memory/worker", "last"),
+    ("memory_optimizer_bytes", "optimizer state", "last"),
+    ("memory_device_peak_bytes", "device peak", "last"),
+)
+
 
 def trial_rows(
     client: MlflowClient, experiment_id: str, sweep_name: str, swept: list[str], metric: str, mode: str = "min"
@@ -35,6 +48,12 @@ def trial_rows(
             continue
         curve = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, metric))
         values = [v for _, v in curve if math.isfinite(v)]
+        costs = {}
+        for name, _, reduce in COSTS:
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+            measured = [v for _, v in history if math.isfinite(v)]
+            if measured:
+                costs[name] = sum(measured) / len(measured) if reduce == "mean" else measured[-1]
         rows.append(
             {
                 "trial": run.data.tags[TRIAL_ID_TAG],
@@ -44,15 +63,47 @@ def trial_rows(
                 "reason": run.data.tags.get("stop_reason", ""),
                 "best": pick(values) if values else math.nan,
                 "curve": curve,
+                "costs": costs,
             }
         )
     return sorted(rows, key=lambda r: r["trial"])
 
 
+def readable_bytes(count: float) -> str:
+    """Decimal units, as nvidia-smi and MLflow's own sizes are read: 1.3 GB is 1.3e9 bytes."""
+    for unit in ("B", "KB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+def _cost_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The cost columns some trial has a value for."""
+    return [(name, header) for name, header, _ in COSTS if any(name in r.get("costs", {}) for r in rows)]
+
+
+def _cost_cell(row: dict, name: str) -> str:
+    value = row.get("costs", {}).get(name)
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if name == "tokens_per_s" else readable_bytes(value)
+
+
 def summary_table(rows: list[dict], swept: list[str], metric: str) -> str:
-    header = ["trial", *swept, f"best {metric}", "status"]
+    costs = _cost_columns(rows)
+    header = ["trial", *swept, f"best {metric}", *(h for _, h in costs), "status"]
     lines = [header]
-    lines += [[r["trial"], *(str(r["params"][p]) for p in swept), f"{r['best']:.3f}", r["status"]] for r in rows]
+    lines += [
+        [
+            r["trial"],
+            *(str(r["params"][p]) for p in swept),
+            f"{r['best']:.3f}",
+            *(_cost_cell(r, name) for name, _ in costs),
+            r["status"],
+        ]
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
@@ -115,10 +166,12 @@ def log_summary(client: MlflowClient, parent_id: str, rows: list[dict], swept: l
     client.log_text(parent_id, summary_table(rows, swept, metric) + "\n", "summary.txt")
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "run_id", *swept, f"best_{metric}", "status", "stop_reason"])
+    costs = [name for name, _ in _cost_columns(rows)]
+    writer.writerow(["trial", "run_id", *swept, f"best_{metric}", *costs, "status", "stop_reason"])
     for r in rows:
+        cells = [r.get("costs", {}).get(name, "") for name in costs]
         writer.writerow(
-            [r["trial"], r["run_id"], *(r["params"][p] for p in swept), r["best"], r["status"], r["reason"]]
+            [r["trial"], r["run_id"], *(r["params"][p] for p in swept), r["best"], *cells, r["status"], r["reason"]]
         )
     client.log_text(parent_id, out.getvalue(), "summary.csv")
     finished = [r for r in rows if math.isfinite(r["best"])]

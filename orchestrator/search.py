@@ -20,10 +20,18 @@ Named variants sweep several keys together (an ablation table), as a grid over n
         full:   {relora.method: full}
         relora: {}
         no-reset: {relora.reset_ratio: 0.0}
+
+A variant's value may be a grid of its own: the variant then stands for one trial config per
+value, named after it (`galore lr=0.01`, `galore lr=0.003`). That gives each method its own
+LR grid in one sweep, as a fair comparison of methods needs:
+
+      variants:
+        galore: {relora.method: galore, optim.lr: {grid: [0.01, 0.003]}}
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import math
@@ -45,7 +53,7 @@ from orchestrator.config import (
     config_from_dict,
     config_to_dict,
     known_key,
-    replace_dotted,
+    replace_values,
     set_dotted,
     shown,
     validate,
@@ -129,6 +137,11 @@ class SweepSpec:
         """The most training tokens any trial consumes (swept steps and batch sizes at their edges)."""
         return max(self.trial(params).token_budget for params in _edge_samples(self.search))
 
+    @property
+    def engines(self) -> list[str]:
+        """The engines the trials run on (train.engine auto: a GaLore variant's is ddp)."""
+        return sorted({self.trial(params).engine for params in _edge_samples(self.search)})
+
     def trial(self, params: dict) -> TrialConfig:
         """The config of one sample of the search space (Tune's ``trial.config``)."""
         return resolve_trial(self.base_config, params, self.search.variants)
@@ -144,9 +157,7 @@ def _overrides(params: dict, variants: dict) -> dict:
 
 def resolve_trial(base: TrialConfig, params: dict, variants: dict) -> TrialConfig:
     """``base`` with a sample's values applied: typed replaces of values checked at load time."""
-    for path, value in _overrides(params, variants).items():
-        base = replace_dotted(base, path, value)
-    return base
+    return replace_values(base, _overrides(params, variants))
 
 
 def _check_distribution(path: str, dist: dict) -> list:
@@ -200,6 +211,30 @@ def _check_swept_keys(search: SearchSpec) -> None:
                 raise ConfigError(
                     f"search.params.{path}", f"is also set by variant {variant!r}: set it in one place only"
                 )
+
+
+def expand_variants(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each variant with ``{grid: [...]}`` values as one variant per combination of them, named
+    ``<variant> <key>=<value> ...`` after the last part of each gridded key."""
+    expanded: dict[str, dict[str, Any]] = {}
+    for name, overrides in variants.items():
+        grids = {}
+        for path, value in overrides.items():
+            if isinstance(value, dict):
+                grid = value.get("grid")
+                if set(value) != {"grid"} or not isinstance(grid, list) or not grid:
+                    raise ConfigError(
+                        f"search.variants.{name}.{path}",
+                        f"takes a value, or {{grid: [values]}} to try each, got {shown(value)}",
+                    )
+                grids[path] = grid
+        for values in itertools.product(*grids.values()):
+            label = " ".join(f"{path.rsplit('.', 1)[-1]}={v}" for path, v in zip(grids, values, strict=True))
+            full_name = f"{name} {label}" if label else name
+            if full_name in expanded:
+                raise ConfigError(f"search.variants.{name}", f"names the trial config {full_name!r} twice")
+            expanded[full_name] = {**overrides, **dict(zip(grids, values, strict=True))}
+    return expanded
 
 
 def _check_search_against(search: SearchSpec, base: TrialConfig) -> None:
@@ -278,6 +313,7 @@ def load_sweep(data: Any) -> SweepSpec:
         raise ConfigError("search", "a sweep file needs a `search` block (use orchestrator.train for one trial)")
     trial = {key: value for key, value in data.items() if key != "search"}
     search = validate(SearchSpec, {} if data["search"] is None else data["search"], "search")
+    search = dataclasses.replace(search, variants=expand_variants(search.variants))
     base = config_from_dict(with_resources(trial, search.resources))
     _check_search_against(search, base)
     _check_swept_keys(search)

@@ -93,7 +93,10 @@ def describe(spec: SweepSpec) -> str:
     gpus = scaling.gpus_per_worker if scaling.use_gpu is True else 0
     lines.append(
         f"  per trial: {scaling.num_workers} workers x ({scaling.cpus_per_worker} CPU, {gpus:g} GPU), "
-        f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}"
+        + " or ".join(
+            f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}" if engine == "deepspeed" else "PyTorch DDP"
+            for engine in spec.engines
+        )
     )
     sched = s.scheduler
     lines.append(

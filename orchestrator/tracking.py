@@ -27,6 +27,7 @@ from ray.train import UserCallback
 from ray.tune import Callback
 
 from orchestrator.config import flatten, redact
+from orchestrator.search import VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ CURVE_METRICS = (
     "update_rank_max",
     "update_rank_mean",
     "merge_lost_share",
+    # one worker's bytes, measured in each engine's second step (orchestrator.worker)
+    "memory_params_bytes",
+    "memory_grads_bytes",
+    "memory_optimizer_bytes",
+    "memory_total_bytes",
+    "memory_device_peak_bytes",
 )
 TRIAL_ID_TAG = "tune_trial_id"
 MODEL_URI_TAG = "model_uri"  # where a trial's merged MLflow model is, on object storage (registered by reference)
@@ -279,6 +286,7 @@ class TrialSnapshot:
     error_msg: str
     config: dict | None  # the resolved config, on the first event of the trial only
     warm_start: str | None
+    variant: str | None = None  # the sweep's named variant the trial runs, if any (first event only)
 
     def __str__(self) -> str:
         return self.name
@@ -410,7 +418,10 @@ class MlflowTuneCallback(Callback):
             self.nodes[trial.trial_id] = set(filter(None, tags.get("ray_nodes", "").split(",")))
             self.resumes[trial.trial_id] = [int(x) for x in filter(None, tags.get("resumed_at_steps", "").split(","))]
             if trial.config is not None:
-                params = params_of(trial.config)
+                # The variant's name beside the config keys it set: the summary's column, and
+                # one to filter and group runs by in the UI.
+                variant = [mlflow.entities.Param(VARIANT, trial.variant)] if trial.variant else []
+                params = params_of(trial.config) + variant
                 for i in range(0, len(params), 100):
                     self._call("log_batch", run_id, params=params[i : i + 100])
                 self._call("log_text", run_id, config_yaml(trial.config), "config.yaml")
@@ -430,6 +441,7 @@ class MlflowTuneCallback(Callback):
             error_msg=str(getattr(trial, "error_msg", "") or ""),
             config=self.trial_configs(trial) if first else None,
             warm_start=self.warm_start_of(trial) if first else None,
+            variant=(getattr(trial, "config", None) or {}).get(VARIANT) if first else None,
         )
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:

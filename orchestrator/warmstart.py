@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 # Config keys that can change a warm start. Everything else (rank, alpha, reset ratio,
 # eval and checkpoint cadence...) only matters after it.
 SHAPING_PREFIXES = ("model.", "data.", "seed", "optim.", "deepspeed.", "scaling.num_workers")
-SHAPING_KEYS = {"train.total_steps", "train.global_batch_size", "train.micro_batch_size", "relora.warm_start_steps"}
+SHAPING_KEYS = {
+    "train.total_steps",
+    "train.global_batch_size",
+    "train.micro_batch_size",
+    "train.engine",
+    "relora.warm_start_steps",
+}
 
 
 def shapes_warm_start(path: str) -> bool:
@@ -40,7 +46,10 @@ def warm_start_settings(cfg: TrialConfig) -> dict | None:
     if not cfg.relora.low_rank or cfg.relora.warm_start_steps == 0:
         return None
     c = config_to_dict(cfg)
+    # The engine only where it is not DeepSpeed's: the keys of existing DeepSpeed warm starts stay.
+    engine = {} if cfg.engine == "deepspeed" else {"engine": cfg.engine}
     return {
+        **engine,
         "model": c["model"],
         "data": c["data"],
         "seed": c["seed"],

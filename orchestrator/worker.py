@@ -1,4 +1,4 @@
-"""The per-worker training loop: a DeepSpeed ZeRO engine running the ReLoRA recipe.
+"""The per-worker training loop: a DeepSpeed ZeRO (or PyTorch DDP) engine running the ReLoRA recipe.
 
 Ray Train runs `train_loop_per_worker` on every worker with torch.distributed already
 set up (gloo on CPUs, nccl on GPUs). The loop, top to bottom:
@@ -11,6 +11,11 @@ A restart is `relora.restart` with a generator seeded by (seed, step), so every 
 draws the same new adapters: merge, re-init, DeepSpeed's fp32 master copy of the adapters
 overwritten (else its next step would undo the re-init), and the partial optimizer reset
 on the adapters' own ZeRO partition.
+
+GaLore, which ZeRO cannot run, trains on `orchestrator.ddp.DDPEngine` (`train.engine`), which
+answers the same calls; the loop does not tell the two apart beyond building them. Each engine's
+memory (parameters, gradients, optimizer state: `relora.memory_breakdown`) is measured once,
+on its second step, and reported with tokens/s, so every method's cost sits beside its loss.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import relora
 from orchestrator.collectives import gather_across_ranks, gather_objects, sum_across_ranks
 from orchestrator.config import TrialConfig
 from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
+from orchestrator.ddp import DDPEngine
 from orchestrator.search import SETTLED_STEP
 
 HISTORY = "history.jsonl"  # every report of the run so far, carried inside each checkpoint
@@ -42,6 +48,8 @@ META = "meta.json"  # where the run stands: step, phase, restart count
 # writes it once per trial, into the run's own folder on storage, not into every checkpoint.
 START_WEIGHTS = "start_weights.safetensors"
 DS_TAG = "deepspeed"
+DDP_TAG = "ddp"
+MEMORY_PREFIX = "memory_"  # memory_params_bytes, memory_grads_bytes, memory_optimizer_bytes, ...
 LOCAL_FS = pyarrow.fs.LocalFileSystem()
 
 
@@ -114,18 +122,25 @@ class Worker:
         # per report, not per step), and the seconds they took, which that read completes.
         self.unread_steps, self.unread_seconds = 0, 0.0
         self.flops_per_token, self.peak_flops = 0.0, None  # set with each engine
+        # Each engine's memory is measured in its second step (the optimizer state exists by
+        # then), and reported with the next report.
+        self.memory_step: int | None = None
+        self.memory: dict[str, float] = {}
+        self.unreported_memory: dict[str, float] = {}
+
+    @property
+    def checkpoint_tag(self) -> str:
+        return DDP_TAG if self.cfg.engine == "ddp" else DS_TAG
 
     # --- engine ----------------------------------------------------------------------
 
     def build_engine(self) -> None:
-        """(Re-)create the DeepSpeed engine for the current set of trainable parameters.
+        """(Re-)create the engine (DeepSpeed, or DDP) for the current set of trainable parameters.
 
         The switch from the full-rank warm start to low rank changes which parameters
         train, and a ZeRO optimizer's flat partitions are fixed at creation, so the
         switch re-creates the engine (and the optimizer, as the paper's warm start does).
         """
-        import deepspeed
-
         self.release_engine()
         c = self.cfg
         optimizer, scheduler = relora.make_optimizer(
@@ -139,23 +154,43 @@ class Worker:
             weight_decay=c.optim.weight_decay,
             step=self.step,
         )
-        # DeepSpeed puts the engine on cuda:<LOCAL_RANK> unless told the device: tell it ours.
-        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
-        self.engine, _, _, _ = deepspeed.initialize(
-            args=args,
-            model=self.model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(c, bf16=self.bf16),
-        )
-        if self.engine.device != self.device:
-            raise RuntimeError(f"DeepSpeed placed the engine on {self.engine.device}, the worker is on {self.device}")
+        if c.engine == "ddp":
+            self.engine = DDPEngine(
+                self.model,
+                optimizer,
+                scheduler,
+                device=self.device,
+                grad_accum_steps=c.grad_accum_steps,
+                grad_clip=c.optim.grad_clip,
+                bf16=self.bf16,
+            )
+        else:
+            self.engine = self.deepspeed_engine(optimizer, scheduler)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # this engine's peak, not the last one's
+        self.memory_step = self.step + 1
         # What a step costs (the switch to low rank changes it) and what the device could do.
         self.flops_per_token = relora.train_flops_per_token(self.model, self.data.seq_len)
         self.peak_flops = relora.peak_flops(self.device, bf16=self.bf16)
 
+    def deepspeed_engine(self, optimizer, scheduler):
+        import deepspeed
+
+        # DeepSpeed puts the engine on cuda:<LOCAL_RANK> unless told the device: tell it ours.
+        args = SimpleNamespace(device_rank=self.device.index) if self.device.type == "cuda" else None
+        engine, _, _, _ = deepspeed.initialize(
+            args=args,
+            model=self.model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(self.cfg, bf16=self.bf16),
+        )
+        if engine.device != self.device:
+            raise RuntimeError(f"DeepSpeed placed the engine on {engine.device}, the worker is on {self.device}")
+        return engine
+
     def release_engine(self) -> None:
-        """Free the old engine: `destroy()` leaves its forward hooks on the module."""
+        """Free the old engine: DeepSpeed's `destroy()` leaves its forward hooks on the module."""
         if self.engine is None:
             return
         self.engine.destroy()
@@ -213,7 +248,11 @@ class Worker:
         r = self.cfg.relora
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + self.step)
         done = relora.restart(
-            self.model, self.engine, reset_ratio=r.reset_ratio, reset_method=r.reset_method, generator=generator
+            self.model,
+            self.engine.optimizer,  # a ZeRO optimizer (its fp32 masters are synced) or a torch one
+            reset_ratio=r.reset_ratio,
+            reset_method=r.reset_method,
+            generator=generator,
         )
         zeroed_all = sum_across_ranks([done.reset_fraction], self.device)
         self.restarts += 1
@@ -253,14 +292,26 @@ class Worker:
         the step to finish, so the loop reads it only when it reports.
         """
         indices = self.sampler.indices(self.step * self.samples_per_step, self.samples_per_step)
-        batch = self.train_blocks[indices].to(self.device)
+        micro_batches = self.train_blocks[indices].to(self.device).split(self.cfg.train.micro_batch_size)
         losses = []
-        for micro in batch.split(self.cfg.train.micro_batch_size):
+        for index, micro in enumerate(micro_batches):
             loss = self.engine(input_ids=micro, labels=micro).loss
             self.engine.backward(loss)
-            self.engine.step()  # DeepSpeed steps the optimizer and LR at the accumulation boundary
+            if self.step == self.memory_step and index == len(micro_batches) - 1:
+                self.measure_memory()  # gradients of the whole step, optimizer state of the last
+            self.engine.step()  # the engine steps the optimizer and LR at the accumulation boundary
             losses.append(loss.detach().float())
         return sum_across_ranks(torch.stack(losses).mean().reshape(1), self.device)[0] / self.world_size
+
+    def measure_memory(self) -> None:
+        """This rank's parameters, gradients and optimizer state in bytes, and on a GPU the
+        device's peak allocation since the engine was built (activations included)."""
+        usage = relora.memory_breakdown(self.model, self.engine.optimizer)
+        usage["total_bytes"] = sum(usage.values())
+        if self.device.type == "cuda":
+            usage["device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self.memory = {f"{MEMORY_PREFIX}{name}": float(value) for name, value in usage.items()}
+        self.unreported_memory = dict(self.memory)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -298,7 +349,7 @@ class Worker:
         tmp = tempfile.mkdtemp(prefix="relora-checkpoint-")
         if self.engine is not None:
             meta = {"step": self.step, "low_rank": self.low_rank, "restarts": self.restarts}
-            self.engine.save_checkpoint(tmp, tag=DS_TAG, client_state=meta)
+            self.engine.save_checkpoint(tmp, tag=self.checkpoint_tag, client_state=meta)
             if self.rank == 0:
                 (Path(tmp) / META).write_text(json.dumps(meta))
         if self.rank == 0:
@@ -319,7 +370,7 @@ class Worker:
                 self.start_weights = self.load_start_weights(checkpoint_dir)
         else:
             self.build_engine()
-        self.engine.load_checkpoint(checkpoint_dir, tag=DS_TAG)
+        self.engine.load_checkpoint(checkpoint_dir, tag=self.checkpoint_tag)
 
     # --- the loop --------------------------------------------------------------------
 
@@ -421,7 +472,8 @@ class Worker:
             return False
         tokens_per_s = self.unread_steps * c.train.global_batch_size * self.data.seq_len / self.unread_seconds
         self.unread_steps, self.unread_seconds = 0, 0.0
-        metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, **event}
+        metrics = {"train_loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, **self.unreported_memory, **event}
+        self.unreported_memory = {}
         utilisation = relora.mfu(tokens_per_s, self.flops_per_token, self.peak_flops, self.world_size)
         if utilisation is not None:  # none on CPUs: no made-up peak
             metrics["mfu"] = utilisation
@@ -475,6 +527,7 @@ class Worker:
             "event": "done",
             "final_val_loss": final.get("val_loss"),
             "final_val_ppl": final.get("val_ppl"),
+            **self.memory,  # the last engine's: the low-rank phase's, after a warm start
             "worker_started_at": self.created_at,
             "first_step_at": self.first_step_at,
         }

@@ -16,10 +16,11 @@ from relora.layers import (
     unwrap,
     wrap,
 )
+from relora.memory import memory_breakdown
 from relora.models import MODEL_SHAPES, build_model, model_config
 from relora.optim import param_groups, reset_optimizer_state
 from relora.rank import effective_weights, update_rank, update_ranks
-from relora.recipe import METHODS, ReLoRAConfig
+from relora.recipe import METHODS, PROJECTION_TYPES, ReLoRAConfig
 from relora.restarts import RestartResult, make_optimizer, optimizer_of, restart
 from relora.schedule import cosine_envelope, jagged_cosine, jagged_cosine_scheduler
 
@@ -31,6 +32,7 @@ __all__ = [
     "METHODS",
     "MODEL_SHAPES",
     "MergeResult",
+    "PROJECTION_TYPES",
     "ReLoRAConfig",
     "ReLoRALinear",
     "RestartResult",
@@ -42,6 +44,7 @@ __all__ = [
     "jagged_cosine_scheduler",
     "make_optimizer",
     "mfu",
+    "memory_breakdown",
     "merge",
     "merge_and_reinit",
     "model_config",

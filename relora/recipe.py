@@ -1,4 +1,4 @@
-"""When to wrap, merge and reset: one config drives full-rank, LoRA and ReLoRA alike.
+"""When to wrap, merge and reset: one config drives full-rank, LoRA, ReLoRA and GaLore alike.
 
 A run is ``total_steps`` optimizer steps. The first ``warm_start_steps`` train the
 whole model (full-rank warm start); then, unless ``method`` is ``"full"``, the target
@@ -9,6 +9,9 @@ low rank after a warm start re-warms it too (fresh adapters, a fresh optimizer);
 start itself follows the plain cosine. ``restarts_at`` is the one definition of a restart
 step: the merges and the LR jags (``jag_steps``) both read it.
 Baselines are the same loop with fewer events, so comparisons are fair by construction.
+``method="galore"`` (Zhao et al., 2024) wraps nothing and never restarts: every weight trains
+full-rank, and its optimizer projects the target layers' gradients to ``rank``
+(``relora.galore``).
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from typing import Literal, get_args
 from relora.layers import LLAMA_TARGET_MODULES, HyperparameterError, _check_adapter_args
 from relora.optim import RESET_METHODS
 
-Method = Literal["full", "lora", "relora"]
+Method = Literal["full", "lora", "relora", "galore"]
 METHODS = get_args(Method)
+ProjectionType = Literal["std", "reverse_std", "right", "left", "full"]
+PROJECTION_TYPES = get_args(ProjectionType)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,12 @@ class ReLoRAConfig:
     reset_ratio: float = 0.99
     reset_method: Literal["magnitude", "random"] = "magnitude"
     jagged: bool = True
+    # GaLore only: `rank` is the rank its optimizer projects the target layers' gradients to,
+    # the projection is recomputed (an SVD of the gradient) every `update_proj_gap` steps, and
+    # the projected-back update is scaled by `galore_scale` (the paper's 200 and 0.25).
+    update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    proj_type: ProjectionType = "std"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -59,10 +70,23 @@ class ReLoRAConfig:
             raise HyperparameterError("reset_ratio", f"must lie in [0, 1], got {self.reset_ratio!r}")
         if self.reset_method not in RESET_METHODS:
             raise HyperparameterError("reset_method", f"must be one of {RESET_METHODS}, got {self.reset_method!r}")
+        if self.update_proj_gap <= 0:
+            raise HyperparameterError("update_proj_gap", f"must be positive, got {self.update_proj_gap!r}")
+        if not 0 < self.galore_scale <= 1e3:
+            raise HyperparameterError("galore_scale", f"must lie in (0, 1000], got {self.galore_scale!r}")
+        if self.proj_type not in PROJECTION_TYPES:
+            raise HyperparameterError("proj_type", f"must be one of {PROJECTION_TYPES}, got {self.proj_type!r}")
+        if self.method == "galore" and self.warm_start_steps:
+            raise HyperparameterError(
+                "warm_start_steps",
+                f"must be 0 with method 'galore' (it trains full-rank weights from the start), "
+                f"got {self.warm_start_steps!r}",
+            )
 
     @property
     def low_rank(self) -> bool:
-        return self.method != "full"
+        """Whether the run trains adapters (LoRA, ReLoRA): GaLore's low rank is in its optimizer."""
+        return self.method in ("lora", "relora")
 
     def wraps_at(self, step: int) -> bool:
         """Whether the adapters go in before optimizer step ``step`` (0-based)."""

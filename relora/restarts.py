@@ -113,10 +113,16 @@ def make_optimizer(
 
     Built again at the switch to low rank (the trainable set changes there). Hand both to
     ``deepspeed.initialize`` under DeepSpeed, or step them yourself in a plain loop. The
-    AdamW is PyTorch's fused one where the device has it (``fastest_adamw``).
+    AdamW is PyTorch's fused one where the device has it (``fastest_adamw``); with
+    ``method="galore"`` it is GaLore's (``relora.galore``), which DeepSpeed ZeRO cannot hold.
     """
-    groups = param_groups(model, weight_decay=weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, **fastest_adamw(groups))
+    if config.method == "galore":
+        from relora.galore import galore_adamw, galore_param_groups
+
+        optimizer = galore_adamw(galore_param_groups(model, config, weight_decay=weight_decay), lr=lr, betas=betas)
+    else:
+        groups = param_groups(model, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, **fastest_adamw(groups))
     for group in optimizer.param_groups:
         group["initial_lr"] = lr  # what LambdaLR scales when it starts from step > 0
     scheduler = jagged_cosine_scheduler(

@@ -30,8 +30,6 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.ray  # a real `ray up` (tests/conftest.py)
-
 REPO = Path(__file__).resolve().parents[1]
 USER = "relora-rayup"
 DASHBOARD = "http://127.0.0.1:8265"

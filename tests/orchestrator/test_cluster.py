@@ -28,8 +28,6 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import config_from_dict
 
-pytestmark = pytest.mark.ray  # a multi-node Ray on this machine (tests/conftest.py)
-
 REPO = Path(__file__).resolve().parents[2]
 WORKER_NODES = ("node_b", "node_c")
 
@@ -61,6 +59,22 @@ class Cluster:
         for child in raylet.children(recursive=True):
             child.kill()
         raylet.send_signal(signal.SIGKILL)
+
+
+def wait_for_job_agent(dashboard: str, timeout_s: float = 90) -> None:
+    """Until the head's job agent takes a job: on a loaded machine it registers seconds after the
+    nodes are alive, and a submit before that is refused ("No available agent")."""
+    from ray.job_submission import JobSubmissionClient
+
+    client, deadline = JobSubmissionClient(dashboard), time.time() + timeout_s
+    while True:
+        try:
+            client.submit_job(entrypoint="true")
+            return
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.time() > deadline:
+                raise
+            time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +127,7 @@ def cluster(tmp_path_factory, data_cache):
                 assert time.time() < deadline, f"only {len(nodes)} nodes joined"
                 time.sleep(1)
             node_ids = {n: next(x.node_id for x in nodes if n in x.resources_total) for n in WORKER_NODES}
+            wait_for_job_agent(dashboard)
             yield Cluster(dashboard, mlflow_uri, root / "storage", env, node_ids, ports)
         finally:
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)

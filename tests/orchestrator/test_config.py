@@ -53,6 +53,41 @@ def test_stage_3_is_refused_with_the_reason(make_trial, tmp_path):
         config_from_dict(_with(make_trial, "deepspeed", "zero_stage", 3))
 
 
+def galore_trial(make_trial, **overrides) -> dict:
+    return make_trial(relora__method="galore", relora__warm_start_steps=0, **overrides)
+
+
+def test_galore_runs_on_ddp_and_is_refused_under_zero(make_trial):
+    cfg = config_from_dict(galore_trial(make_trial, relora__update_proj_gap=50, relora__proj_type="left"))
+    assert cfg.engine == "ddp" and cfg.relora.update_proj_gap == 50  # train.engine auto
+    assert config_from_dict(make_trial()).engine == "deepspeed"
+    assert config_from_dict(make_trial(train__engine="ddp")).engine == "ddp"  # any method may ask for DDP
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(galore_trial(make_trial, train__engine="deepspeed"))
+    assert error.value.path == "relora.method" and "cannot run under DeepSpeed ZeRO" in error.value.message
+    assert "train.engine" in error.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("relora.warm_start_steps", 10),  # GaLore trains full-rank weights from step 0
+        ("relora.update_proj_gap", 0),
+        ("relora.update_proj_gap", 10**10),
+        ("relora.galore_scale", 0.0),
+        ("relora.proj_type", "diagonal"),
+        ("train.engine", "fsdp"),
+    ],
+)
+def test_galore_settings_are_checked_by_name(make_trial, path, value):
+    data = galore_trial(make_trial)
+    section, key = path.split(".")
+    data[section][key] = value
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(data)
+    assert error.value.path == path
+
+
 def test_unknown_section_and_search_block(make_trial, tmp_path):
     with pytest.raises(ConfigError, match="^trainer: unknown key"):
         config_from_dict({**make_trial(), "trainer": {}})
@@ -123,7 +158,7 @@ def assert_refused_before_ray(config, extra_args: list[str], path: str) -> None:
     [
         ("relora", "rank", "8", "must be a valid integer, got '8'"),  # strict: YAML's "8" is a string
         ("optim", "lr", True, "must be a valid number, got True"),
-        ("train", "totl_steps", 5, "known keys: ['checkpoint_every', 'eval_blocks', 'eval_every'"),
+        ("train", "totl_steps", 5, "known keys: ['checkpoint_every', 'engine', 'eval_blocks'"),
         ("optim", "betas", [0.9, 0.9, 0.9], "must have 2 items, got [0.9, 0.9, 0.9]"),
         ("scaling", "use_gpu", "yes", "must be a valid boolean or 'auto', got 'yes'"),
         ("relora", "reset_ratio", 1.5, "must lie in [0, 1], got 1.5"),

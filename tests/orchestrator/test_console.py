@@ -15,8 +15,6 @@ import pytest
 from orchestrator import console
 from orchestrator.console import TrialEvents
 
-pytestmark = pytest.mark.ray  # real Ray Train and Tune runs (tests/conftest.py)
-
 RESTART = {
     "step": 40,
     "event": "restart",

@@ -4,7 +4,7 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from orchestrator.report import register_best, summary_table, trial_rows
+from orchestrator.report import readable_bytes, register_best, summary_table, trial_rows
 from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker
 
 
@@ -64,3 +64,24 @@ def test_the_best_logged_model_is_registered_from_a_store_that_is_not_the_defaul
     version = client.get_model_version("fastest", "1")
     assert version.source == f"models:/{model.model_id}" and version.run_id == best["run_id"]
     assert client.get_model_version_download_uri("fastest", "1") == model.artifact_location
+
+
+def test_the_summary_puts_each_trials_speed_and_memory_beside_its_result(tmp_path):
+    """Mean tokens/s over a trial's reports and the memory its last engine measured;
+    a trial without a cost metric gets a dash, and the CSV has the raw numbers."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("e")
+    for trial, speeds, memory in (("full", [100.0, 300.0], [2.5e9, 4.0e9]), ("galore", [50.0], [])):
+        run = client.create_run(experiment, tags={SWEEP_TAG: "s", TRIAL_ID_TAG: trial, "status": "completed"})
+        client.log_param(run.info.run_id, "relora.method", trial)
+        client.log_metric(run.info.run_id, "val_ppl", 20.0, step=10)
+        for step, value in enumerate(speeds):
+            client.log_metric(run.info.run_id, "tokens_per_s", value, step=step)
+        for step, value in enumerate(memory):
+            client.log_metric(run.info.run_id, "memory_total_bytes", value, step=step)
+    rows = trial_rows(client, experiment, "s", ["relora.method"], "val_ppl")
+    table = summary_table(rows, ["relora.method"], "val_ppl").splitlines()
+    assert table[0].split() == ["trial", "relora.method", "best", "val_ppl", "tokens/s", "memory/worker", "status"]
+    assert table[2].split() == ["full", "full", "20.000", "200", "4.0", "GB", "completed"]
+    assert table[3].split() == ["galore", "galore", "20.000", "50", "-", "completed"]
+    assert readable_bytes(512) == "512 B" and readable_bytes(1.3e6) == "1.3 MB"

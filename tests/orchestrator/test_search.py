@@ -25,6 +25,22 @@ def test_a_valid_sweep_resolves_its_trials(make_trial):
     assert resolved.train == spec.base_config.train  # the rest as the driver resolved it
 
 
+def test_each_variant_may_sweep_its_own_learning_rates(make_trial):
+    """A fair comparison of methods: every method at its own best LR, found in one sweep."""
+    variants = {
+        "full": {"relora.method": "full", "optim.lr": {"grid": [0.003, 0.001]}},
+        "galore": {"relora.method": "galore", "relora.warm_start_steps": 0, "optim.lr": {"grid": [0.01]}},
+        "relora": {},
+    }
+    spec = load_sweep({**make_trial(), "search": {"variants": variants, "scheduler": {"type": "none"}}})
+    assert list(spec.search.variants) == ["full lr=0.003", "full lr=0.001", "galore lr=0.01", "relora"]
+    assert spec.num_trials == 4
+    galore = spec.trial({"variant": "galore lr=0.01"})
+    assert (galore.relora.method, galore.optim.lr, galore.engine) == ("galore", 0.01, "ddp")
+    assert spec.trial({"variant": "full lr=0.001"}).optim.lr == 0.001
+    assert spec.trial({"variant": "relora"}).optim.lr == spec.base_config.optim.lr
+
+
 def test_a_sweep_may_maximise_throughput(make_trial):
     spec = load_sweep(_sweep(make_trial, metric="tokens_per_s", mode="max"))
     assert (spec.search.metric, spec.search.mode) == ("tokens_per_s", "max")
@@ -49,6 +65,14 @@ def test_a_sweep_may_maximise_throughput(make_trial):
         ({"resources": {"num_workers": 3}}, "train.global_batch_size"),
         ({"metrc": "val_ppl"}, "search.metrc"),
         ({"variants": {"bad": {"relora.nope": 1}}}, "search.variants.bad.relora.nope"),
+        ({"variants": {"g": {"optim.lr": {"grid": []}}}}, "search.variants.g.optim.lr"),
+        ({"variants": {"g": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}}}, "search.variants.g.optim.lr"),
+        # a value of one gridded variant that makes no trial names the key, as any sample does
+        (
+            {"variants": {"g": {"relora.method": "galore", "optim.lr": {"grid": [0.01, 20.0]}}}},
+            "relora.warm_start_steps",
+        ),
+        ({"variants": {"g": {"relora.warm_start_steps": 0, "optim.lr": {"grid": [0.01, 20.0]}}}}, "optim.lr"),
     ],
 )
 def test_bad_sweeps_name_the_path(make_trial, search, path):
@@ -89,7 +113,7 @@ def test_cli_dry_run_and_bad_file(make_trial, tmp_path):
     assert out.stderr.startswith("config error: search.params.relora.rank:")
 
 
-@pytest.mark.parametrize("name", ["demo", "rank", "restart", "reset", "ablation"])
+@pytest.mark.parametrize("name", ["demo", "rank", "restart", "reset", "ablation", "baselines"])
 def test_shipped_search_spaces_are_valid(name):
     from pathlib import Path
 

@@ -23,8 +23,6 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-pytestmark = pytest.mark.ray  # sweeps on a local Ray (tests/conftest.py)
-
 # One shared warm start per LR. ASHA only compares trials with each other: a far lower LR makes a
 # certainly worse trial, which it stops at its first rung whichever of the pair gets there first.
 LRS = [0.003, 0.00003]
@@ -261,8 +259,6 @@ class Tee(io.StringIO):
 def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
     """A small finished sweep, run once for the tests that read it (about 100 s): two trials that
     restart at different periods, under ASHA, recorded in a SQLite MLflow store of their own."""
-    import ray
-
     import orchestrator.sweep as sweep
 
     root = tmp_path_factory.mktemp("restart-period-sweep")
@@ -283,18 +279,30 @@ def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
         "max_concurrent_trials": 2,
         "resources": {"num_workers": 1},
     }
-    path = root / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
     schedulers, make_scheduler = [], sweep.make_scheduler
 
     def keep_scheduler(s):
         schedulers.append(make_scheduler(s))
         return schedulers[-1]
 
+    tracking, out = run_sweep(root, spec, make_scheduler=keep_scheduler)
+    return FinishedSweep(tracking, spec, schedulers[0], out)
+
+
+def run_sweep(root: Path, spec: dict, **replaced) -> tuple[str, str]:
+    """`python -m orchestrator.sweep` in this process (with ``replaced`` attributes of the sweep
+    module), recorded in a SQLite MLflow store in ``root``: the store's URI and what it printed."""
+    import ray
+
+    import orchestrator.sweep as sweep
+
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     out = Tee(sys.stdout)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sweep, "make_scheduler", keep_scheduler)
+        for name, value in replaced.items():
+            mp.setattr(sweep, name, value)
         mp.chdir(root)  # the store's artifacts (./mlruns) stay beside it, not in the repository
         if ray.is_initialized():
             ray.shutdown()
@@ -303,7 +311,7 @@ def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
                 assert sweep.main([str(path), "--tracking-uri", tracking]) == 0
         finally:
             ray.shutdown()
-    return FinishedSweep(tracking, spec, schedulers[0], out.getvalue())
+    return tracking, out.getvalue()
 
 
 def test_asha_never_judges_a_trial_inside_its_restart_spike(restart_period_sweep):
@@ -333,6 +341,82 @@ def test_asha_never_judges_a_trial_inside_its_restart_spike(restart_period_sweep
             assert step >= rung and not cfg.relora.rewarming_after(step), (period, rung, step)
     print("judged at (period: {rung: step}):", judged)
     assert judged[20][25] == 30 and judged[25][25] == 35, judged
+
+
+def test_baselines_compare_every_method_at_one_budget(data_cache, tmp_path):
+    """search_spaces/baselines.yaml at CPU scale: full rank, LoRA after a warm start, ReLoRA and
+    GaLore (two LRs of its own) at one token budget, all on DDP. The summary puts each trial's
+    speed and one worker's memory beside its perplexity, and every trial is recorded whole."""
+    from orchestrator.config import load_yaml
+
+    shipped = load_yaml(Path(__file__).resolve().parents[2] / "search_spaces" / "baselines.yaml")["search"]
+    assert set(shipped["variants"]) == {"full-rank", "lora+warm-start", "relora", "galore"}
+    spec = trial_dict(
+        tmp_path,
+        data_cache,
+        relora__warm_start_steps=10,
+        relora__restart_every=10,
+        relora__restart_warmup_steps=3,
+        relora__update_proj_gap=10,
+        train__total_steps=40,
+        train__eval_every=10,
+        train__checkpoint_every=20,
+        train__micro_batch_size=16,
+        train__engine="ddp",
+        run__name="baselines",
+        run__max_failures=0,
+    )
+    del spec["scaling"]
+    spec["search"] = {
+        "variants": {
+            "full-rank": {"relora.method": "full"},
+            "lora+warm-start": {"relora.method": "lora"},
+            "relora": {},
+            "galore": {"relora.method": "galore", "relora.warm_start_steps": 0, "optim.lr": {"grid": [0.01, 0.003]}},
+        },
+        "scheduler": {"type": "none"},
+        "max_concurrent_trials": 2,
+        "resources": {"num_workers": 1},
+    }
+    tracking, out = run_sweep(tmp_path, spec)
+
+    header = next(line for line in out.splitlines() if re.match(r"trial\s{2,}variant", line))
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "trial",
+        "variant",
+        "best val_ppl",
+        "tokens/s",
+        "memory/worker",
+        "optimizer state",
+        "status",
+    ]
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("baselines")
+    runs = {
+        r.data.params["variant"]: r
+        for r in client.search_runs([experiment.experiment_id])
+        if "variant" in r.data.params
+    }
+    assert set(runs) == {"full-rank", "lora+warm-start", "relora", "galore lr=0.01", "galore lr=0.003"}
+    for name, run in runs.items():
+        assert run.data.tags["status"] == "completed" and run.data.tags.get("logged_model_id"), name
+        assert run.data.params["train.engine"] == "ddp"
+        val_ppl = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_ppl"), key=lambda m: m.step)]
+        assert run.data.metrics["tokens_per_s"] > 0 and val_ppl[-1] < val_ppl[0] / 2, (name, val_ppl)
+    assert runs["galore lr=0.003"].data.params["optim.lr"] == "0.003"
+    assert runs["relora"].data.tags["merges"] == "2"  # restarts at 20 and 30, on a plain torch AdamW
+
+    def optimizer_bytes(name: str) -> float:  # one worker's, in its low-rank phase
+        return runs[name].data.metrics["memory_optimizer_bytes"]
+
+    # llama-tiny's 4096-token embeddings and lm_head (84% of it) train full-rank in every method:
+    # the methods differ in the target layers' state alone (1 MB of 5 MB here).
+    full = optimizer_bytes("full-rank")
+    assert optimizer_bytes("relora") == optimizer_bytes("lora+warm-start") < full
+    assert optimizer_bytes("galore lr=0.01") == optimizer_bytes("galore lr=0.003") < full
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'parent'")
+    summary = Path(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read_text()
+    assert {"tokens_per_s", "memory_total_bytes", "memory_optimizer_bytes"} <= set(summary.splitlines()[0].split(","))
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's (apt-get install chromium), driven by the playwright package

@@ -8,8 +8,6 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import SWEEP_TAG, TRIAL_ID_TAG, MlflowTuneCallback, SweepTracker, is_transient
 
-pytestmark = pytest.mark.ray  # sweeps and Tuners on a local Ray (tests/conftest.py)
-
 
 def _callback(uri: str, **kwargs) -> MlflowTuneCallback:
     tracker = SweepTracker(uri, experiment="e", sweep_name="s")

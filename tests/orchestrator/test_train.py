@@ -19,8 +19,6 @@ from orchestrator.config import config_from_dict
 from orchestrator.data import load_blocks, prepare_data
 from orchestrator.train import make_trainer, read_history
 
-pytestmark = pytest.mark.ray  # trials on a local Ray (tests/conftest.py)
-
 
 def run_trial(trial: dict, *, name: str = "trial", kill_after_checkpoint: int | None = None):
     """Fit one trial; with ``kill_after_checkpoint``, SIGKILL one of its workers from outside
@@ -119,7 +117,7 @@ def check_recipe(cfg, data, result, error, killed=()):
     assert restarts[-1]["update_rank_max"] > cfg.relora.rank
     run_dir = Path(result.checkpoint.path).parent
     assert (run_dir / "start_weights.safetensors").is_file()
-    assert list(run_dir.glob("checkpoint_*/deepspeed")) and not list(run_dir.glob("checkpoint_*/start_weights*"))
+    assert list(run_dir.glob(f"checkpoint_*/{cfg.engine}")) and not list(run_dir.glob("checkpoint_*/start_weights*"))
 
     # The last step's metrics ride on the done report and nowhere else: a scheduler that stops
     # the trial at its last report cannot cut it off before the merged checkpoint.
@@ -225,6 +223,81 @@ def test_lost_bf16_worker_is_recovered_by_ray_train(bf16_run, local_ray, make_tr
     assert error is None, error
     assert len(killed) == 1, "a worker was killed once"
     assert_same_run(read_history(result.checkpoint.path), reference)
+
+
+# GaLore on the DDP engine: 50 steps, a new projection every 15 (at 15, 30 and 45), checkpoints
+# every 10; a worker killed after the step-20 checkpoint resumes across the projections after it.
+GALORE = {
+    "relora__method": "galore",
+    "relora__warm_start_steps": 0,
+    "relora__rank": 8,
+    "relora__update_proj_gap": 15,
+    "optim__lr": 0.01,
+    "train__total_steps": 50,
+    "train__checkpoint_every": 10,
+}
+
+
+@pytest.fixture(scope="module")
+def galore_run(local_ray, tmp_path_factory, data_cache):
+    from conftest import trial_dict
+
+    return run_trial(trial_dict(tmp_path_factory.mktemp("galore"), data_cache, **GALORE))
+
+
+def test_galore_trains_on_ddp_with_rank_sized_optimizer_state(galore_run):
+    """GaLore's trial: DDP checkpoints, a falling loss, its memory measured beside full rank's
+    formula, and a merged Hugging Face model (GaLore has nothing to merge: the weights as trained)."""
+    cfg, data, result, error, _ = galore_run
+    assert error is None, error
+    assert cfg.engine == "ddp"
+    history = read_history(result.checkpoint.path)
+    start, done = history[0], history[-1]
+    assert not events(history, "switch") and not events(history, "restart")
+    assert done["final_val_ppl"] < 0.4 * start["val_ppl"]
+    run_dir = Path(result.checkpoint.path).parent
+    assert list(run_dir.glob("checkpoint_*/ddp/optimizer.pt")) and not list(run_dir.glob("checkpoint_*/deepspeed"))
+
+    # One worker's memory, measured in the second step: every weight and gradient in fp32, and
+    # Adam's two moments (8 bytes a parameter) for all but the target layers, whose state is
+    # a rank-8 projection: far less than their 8 bytes a weight.
+    merged = f"{result.checkpoint.path}/merged/model"
+    named = dict(AutoModelForCausalLM.from_pretrained(merged).named_parameters())
+    params = sum(p.numel() for p in named.values())
+    projected = sum(p.numel() for name, p in named.items() if name.endswith("_proj.weight"))
+    memory = next(h for h in history if "memory_total_bytes" in h)
+    assert memory["step"] <= cfg.train.log_every  # the first report after the second step
+    assert memory["memory_grads_bytes"] == pytest.approx(4 * params, rel=0.01)  # DDP's buckets: one copy
+    assert memory["memory_params_bytes"] >= 4 * params
+    plain = 8 * (params - projected)
+    assert plain < memory["memory_optimizer_bytes"] < plain + 8 * projected / 2
+    assert done["memory_optimizer_bytes"] == memory["memory_optimizer_bytes"] and done["tokens_per_s"] > 0
+
+    reproduced = merged_val_loss(merged, data, cfg.train.eval_blocks)
+    assert abs(reproduced - done["final_val_loss"]) <= 0.01 * done["final_val_loss"]
+
+
+def test_lost_galore_worker_resumes_exactly(galore_run, local_ray, make_trial, tmp_path):
+    """The DDP checkpoint holds GaLore's projections with its moments: the resumed run is the
+    uninterrupted one, loss for loss, through the projection updates after the resume."""
+    reference = read_history(galore_run[2].checkpoint.path)
+    cfg, data, result, error, killed = run_trial(make_trial(run__max_failures=1, **GALORE), kill_after_checkpoint=20)
+    assert error is None, error
+    assert len(killed) == 1
+    history = read_history(result.checkpoint.path)
+    resumes = events(history, "resume")
+    # From the last checkpoint Ray Train had recorded when the worker died (10 or 20: the kill
+    # races the report of the step-20 one); new projections follow at 30 and 45 either way.
+    assert len(resumes) == 1 and resumes[0]["from_step"] in (10, 20), resumes
+    ours, theirs = _losses(history), _losses(reference)
+    assert ours.keys() == theirs.keys()
+    for step in ours:
+        assert ours[step] == pytest.approx(theirs[step], abs=1e-4), f"loss differs at step {step}"
+
+
+def test_relora_runs_the_full_recipe_on_ddp(local_ray, make_trial):
+    """`train.engine: ddp` for ReLoRA itself: the restarts reset a plain torch AdamW's moments."""
+    check_recipe(*run_trial(make_trial(train__engine="ddp")))
 
 
 def test_a_file_trial_runs_after_its_source_file_is_gone(local_ray, make_trial, shakespeare, tmp_path):
