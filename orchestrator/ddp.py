@@ -8,25 +8,57 @@ boundary clips, steps the optimizer and the LR schedule and frees the gradients;
 ``get_lr()``; ``save_checkpoint``/``load_checkpoint`` of a folder and a tag; ``destroy()``.
 
 Under DDP every rank holds the same weights and optimizer state, so rank 0 alone writes a
-checkpoint: the module's state dict, the optimizer's (GaLore's projectors as tensors:
-``relora.galore.optimizer_state``), the schedule's and the caller's state, each a
-``torch.save`` file that every rank reads back with ``weights_only=True``.
+checkpoint, and never a pickle (README, "Bad input, and what must be trusted"): the module as
+safetensors; the optimizer's state (GaLore's projectors as tensors:
+``relora.galore.optimizer_state``), the schedule's and the caller's as one JSON file whose
+tensors are in a second safetensors file. Every rank reads them back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from relora.galore import load_optimizer_state, optimizer_state
 
-FILES = {"model": "model.pt", "optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "client": "client_state.pt"}
+MODEL, STATE, STATE_TENSORS = "model.safetensors", "state.json", "state_tensors.safetensors"
+TENSOR, ITEMS, TUPLE = "__tensor__", "__items__", "__tuple__"  # what JSON cannot say of itself
+
+
+def split_tensors(value: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """``value`` (nested dicts, lists, tuples, numbers, tensors) as JSON data, each tensor moved
+    into ``tensors`` under its path and left as ``{TENSOR: path}``; dict keys keep their type."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().cpu().contiguous()
+        return {TENSOR: path}
+    if isinstance(value, dict):
+        return {ITEMS: [[key, split_tensors(item, tensors, f"{path}/{key}")] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [split_tensors(item, tensors, f"{path}/{i}") for i, item in enumerate(value)]
+        return {TUPLE: items} if isinstance(value, tuple) else items
+    return value
+
+
+def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``split_tensors``."""
+    if isinstance(value, dict):
+        if TENSOR in value:
+            return tensors[value[TENSOR]]
+        if TUPLE in value:
+            return tuple(join_tensors(item, tensors) for item in value[TUPLE])
+        return {key: join_tensors(item, tensors) for key, item in value[ITEMS]}
+    if isinstance(value, list):
+        return [join_tensors(item, tensors) for item in value]
+    return value
 
 
 class DDPEngine:
@@ -92,22 +124,25 @@ class DDPEngine:
             return
         target = Path(folder) / tag
         target.mkdir(parents=True, exist_ok=True)
-        torch.save(self.module.state_dict(), target / FILES["model"])
-        torch.save(optimizer_state(self.optimizer), target / FILES["optimizer"])
-        torch.save(self.lr_scheduler.state_dict(), target / FILES["scheduler"])
-        torch.save({**client_state, "micro_steps": self.micro_steps}, target / FILES["client"])
+        save_model(self.module, str(target / MODEL))  # tied weights once
+        state = {
+            "optimizer": optimizer_state(self.optimizer),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "client": {**client_state, "micro_steps": self.micro_steps},
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        (target / STATE).write_text(json.dumps(split_tensors(state, tensors)))
+        save_file(tensors, target / STATE_TENSORS)
 
     def load_checkpoint(self, folder: str, tag: str) -> dict:
         """Every rank loads ``folder/tag`` (as DeepSpeed's engine does), tensors onto its device."""
         source = Path(folder) / tag
-
-        def read(name: str):
-            return torch.load(source / FILES[name], map_location=self.device, weights_only=True)
-
-        self.module.load_state_dict(read("model"))
-        load_optimizer_state(self.optimizer, read("optimizer"))
-        self.lr_scheduler.load_state_dict(read("scheduler"))
-        client = read("client")
+        load_model(self.module, str(source / MODEL), device=str(self.device))
+        tensors = load_file(source / STATE_TENSORS, device=str(self.device))
+        state = join_tensors(json.loads((source / STATE).read_text()), tensors)
+        load_optimizer_state(self.optimizer, state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        client = state["client"]
         self.micro_steps = client.pop("micro_steps")
         return client
 

@@ -10,8 +10,8 @@ their gradients stay full size.
 Three things the package leaves to its caller:
 
 - its optimizer state holds a ``GaLoreProjector`` object per projected weight, which
-  ``Optimizer.state_dict`` would pickle. ``optimizer_state`` turns it into tensors and
-  numbers, so that a checkpoint loads with ``torch.load(weights_only=True)`` and resumes
+  ``Optimizer.state_dict`` would hand to pickle; ``optimizer_state`` turns it into tensors and
+  numbers, so that a checkpoint holds no pickle (safetensors and JSON will do) and resumes
   with the same projection (``load_optimizer_state``);
 - its projection of an fp32 gradient is a view of the whole SVD factor, which stays in
   memory with it: ``galore_adamw`` copies out the ``rank`` rows it uses after each step;

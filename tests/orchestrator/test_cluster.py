@@ -141,7 +141,7 @@ def sweep_spec(tmp_path: Path, data_cache: Path, name: str, total_steps: int, ra
     del spec["scaling"]  # a sweep sets its workers in search.resources
     spec["run"] = {"name": name, "max_failures": 2}  # storage: $RELORA_STORAGE, set on the head
     spec["relora"].update(warm_start_steps=20, restart_every=20)
-    spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10, micro_batch_size=16)
+    spec["train"].update(total_steps=total_steps, checkpoint_every=10, eval_every=10)
     spec["search"] = {
         "params": {"relora.rank": {"grid": ranks}},
         "scheduler": {"type": "none"},

@@ -256,7 +256,8 @@ def test_galore_trains_on_ddp_with_rank_sized_optimizer_state(galore_run):
     assert not events(history, "switch") and not events(history, "restart")
     assert done["final_val_ppl"] < 0.4 * start["val_ppl"]
     run_dir = Path(result.checkpoint.path).parent
-    assert list(run_dir.glob("checkpoint_*/ddp/optimizer.pt")) and not list(run_dir.glob("checkpoint_*/deepspeed"))
+    assert list(run_dir.glob("checkpoint_*/ddp/state_tensors.safetensors")), "the DDP engine's checkpoints"
+    assert not list(run_dir.glob("checkpoint_*/deepspeed")) and not list(run_dir.glob("checkpoint_*/*/*.pt"))
 
     # One worker's memory, measured in the second step: every weight and gradient in fp32, and
     # Adam's two moments (8 bytes a parameter) for all but the target layers, whose state is
