@@ -128,6 +128,14 @@ def check_recipe(cfg, data, result, error, killed=()):
     # on tinyshakespeare, 1/4.8 on the built-in corpus, ~1 for a model that learns nothing).
     assert done["final_val_ppl"] < 0.25 * start["val_ppl"]
 
+    # One worker's memory in the low-rank phase, on either engine: weights, the adapters' gradients
+    # (ZeRO-2 holds them reduced, in partitions) and optimizer state, each counted.
+    memory = {k: v for k, v in done.items() if k.startswith("memory_")}
+    assert memory["memory_params_bytes"] > 0 and memory["memory_grads_bytes"] > 0, memory
+    assert memory["memory_optimizer_bytes"] > memory["memory_grads_bytes"], "two moments a trained weight"
+    parts = ("memory_params_bytes", "memory_grads_bytes", "memory_optimizer_bytes")
+    assert memory["memory_total_bytes"] == sum(memory[k] for k in parts)
+
     # The merged checkpoint's `model/` is a plain HF model that reproduces the final validation loss.
     merged = f"{result.checkpoint.path}/merged/model"
     reproduced = merged_val_loss(merged, data, cfg.train.eval_blocks)
