@@ -85,6 +85,8 @@ def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, o
     engine.step()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
+    torch.distributed.barrier()  # neither rank leaves while the other still talks to it
+    torch.distributed.destroy_process_group()  # exiting with a gloo group alive may abort (SIGABRT)
 
 
 @pytest.mark.parametrize(
