@@ -91,8 +91,9 @@ def describe(spec: SweepSpec) -> str:
         lines.append(f"  variant {variant}: {overrides or 'the base config'}")
     scaling = spec.base_config.scaling  # what the trials will ask Ray for
     gpus = scaling.gpus_per_worker if scaling.use_gpu is True else 0
+    workers = f"{scaling.num_workers} worker{'s' if scaling.num_workers != 1 else ''}"
     lines.append(
-        f"  per trial: {scaling.num_workers} workers x ({scaling.cpus_per_worker} CPU, {gpus:g} GPU), "
+        f"  per trial: {workers} x ({scaling.cpus_per_worker} CPU, {gpus:g} GPU), "
         + " or ".join(
             f"DeepSpeed ZeRO-{spec.base_config.deepspeed.zero_stage}" if engine == "deepspeed" else "PyTorch DDP"
             for engine in spec.engines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -136,6 +137,35 @@ def local_ray(data_cache):
     ray.init(num_cpus=4, include_dashboard=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+# Each command a fresh run of the module, as `python -m` runs it, in one Python process (a process
+# per command spends seconds starting Python and importing torch); Ray must still be unimported after
+# every refusal, since the CLIs check their input before they import it.
+_CLI_PROBE = """
+import contextlib, io, json, runpy, sys
+module, results = sys.argv[1], []
+for argv in json.loads(sys.argv[2]):
+    sys.argv, out, err, code = [module, *argv], io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(module, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    ray_imported = "ray" in sys.modules
+    results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "ray_imported": ray_imported})
+print(json.dumps(results))
+"""
+
+
+def run_cli(module: str, commands: list[list[str]]) -> list[dict]:
+    """`python -m module *argv` for each argv, in one process: exit code, stdout, stderr, and
+    whether Ray was imported by then."""
+    out = subprocess.run(
+        [sys.executable, "-c", _CLI_PROBE, module, json.dumps(commands)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def free_port() -> int:

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -97,36 +94,60 @@ def test_unknown_section_and_search_block(make_trial, tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize(
-    ("section", "key", "value", "path"),
-    [
-        ("relora", "restart_warmup_steps", 25, "relora.restart_warmup_steps"),
-        ("relora", "warm_start_steps", 100, "relora.warm_start_steps"),
-        ("train", "bogus", 1, "train.bogus"),
-        ("train", "total_steps", "ten", "train.total_steps"),
-    ],
-)
-def test_cli_exits_with_one_line_before_ray_starts(make_trial, tmp_path, section, key, value, path):
-    config = tmp_path / "bad.yaml"
-    config.write_text(yaml.safe_dump(_with(make_trial, section, key, value)))
-    assert_refused_before_ray(config, [], path)
+# `python -m orchestrator.train` refuses a bad file, or a bad `--set`, with exit code 2 and one
+# line naming the key, before it imports Ray: (the key changed in the file, or the overrides; the path named).
+FILE_REFUSALS = [
+    (("relora", "restart_warmup_steps", 25), "relora.restart_warmup_steps"),
+    (("relora", "warm_start_steps", 100), "relora.warm_start_steps"),
+    (("train", "bogus", 1), "train.bogus"),
+    (("train", "total_steps", "ten"), "train.total_steps"),
+]
+SET_REFUSALS = [
+    (["relora.rank=0"], "relora.rank"),
+    (["relora.rnak=8"], "relora.rnak"),
+    (["optim.lr=fast"], "optim.lr"),
+    (["seed.x=1"], "seed"),
+    (["relora.rank"], "--set"),
+    (["relora.rank=8", "train.total_steps=10"], "relora.warm_start_steps"),  # 20 >= 10, after both apply
+]
 
 
-@pytest.mark.parametrize(
-    ("overrides", "path"),
-    [
-        (["relora.rank=0"], "relora.rank"),
-        (["relora.rnak=8"], "relora.rnak"),
-        (["optim.lr=fast"], "optim.lr"),
-        (["seed.x=1"], "seed"),
-        (["relora.rank"], "--set"),
-        (["relora.rank=8", "train.total_steps=10"], "relora.warm_start_steps"),  # 20 >= 10, after both apply
-    ],
-)
-def test_set_overrides_are_checked_like_the_file(make_trial, tmp_path, overrides, path):
-    config = tmp_path / "good.yaml"
-    config.write_text(yaml.safe_dump(make_trial()))
-    assert_refused_before_ray(config, [arg for item in overrides for arg in ("--set", item)], path)
+@pytest.fixture(scope="module")
+def cli_refusals(tmp_path_factory) -> dict[str, dict]:
+    """What `python -m orchestrator.train` did with each case, by case id."""
+    from conftest import run_cli, trial_dict
+
+    root = tmp_path_factory.mktemp("cli")
+    good = root / "good.yaml"
+    good.write_text(yaml.safe_dump(trial_dict(root)))
+    cases = {}
+    for (section, key, value), _ in FILE_REFUSALS:
+        bad = root / f"{section}.{key}.yaml"
+        trial = trial_dict(root)
+        trial[section][key] = value
+        bad.write_text(yaml.safe_dump(trial))
+        cases[f"file:{section}.{key}"] = [str(bad)]
+    for overrides, _ in SET_REFUSALS:
+        cases[f"set:{' '.join(overrides)}"] = [str(good), *(arg for item in overrides for arg in ("--set", item))]
+    return dict(zip(cases, run_cli("orchestrator.train", list(cases.values())), strict=True))
+
+
+def assert_refused_before_ray(result: dict, path: str) -> None:
+    assert not result["ray_imported"], "Ray was imported before the config was checked"
+    assert result["code"] == 2, result["stderr"]
+    lines = result["stderr"].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {path}:"), result["stderr"]
+
+
+@pytest.mark.parametrize(("change", "path"), FILE_REFUSALS, ids=[path for _, path in FILE_REFUSALS])
+def test_cli_exits_with_one_line_before_ray_starts(cli_refusals, change, path):
+    section, key, _ = change
+    assert_refused_before_ray(cli_refusals[f"file:{section}.{key}"], path)
+
+
+@pytest.mark.parametrize(("overrides", "path"), SET_REFUSALS, ids=[" ".join(o) for o, _ in SET_REFUSALS])
+def test_set_overrides_are_checked_like_the_file(cli_refusals, overrides, path):
+    assert_refused_before_ray(cli_refusals[f"set:{' '.join(overrides)}"], path)
 
 
 def test_set_overrides_apply_yaml_values(make_trial, tmp_path):
@@ -134,23 +155,6 @@ def test_set_overrides_apply_yaml_values(make_trial, tmp_path):
     config.write_text(yaml.safe_dump(make_trial()))
     cfg = load_config(config, overrides=["relora.rank=8", "optim.betas=[0.9, 0.99]", "run.name=from-cli"])
     assert cfg.relora.rank == 8 and cfg.optim.betas == (0.9, 0.99) and cfg.run.name == "from-cli"
-
-
-def assert_refused_before_ray(config, extra_args: list[str], path: str) -> None:
-    probe = (
-        "import sys, runpy\n"
-        "sys.argv = ['orchestrator.train', *sys.argv[1:]]\n"
-        "try:\n"
-        "    runpy.run_module('orchestrator.train', run_name='__main__')\n"
-        "except SystemExit as e:\n"
-        "    assert 'ray' not in sys.modules, 'Ray was imported before the config was checked'\n"
-        "    raise\n"
-    )
-    command = [sys.executable, "-c", probe, str(config), *extra_args]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"config error: {path}:"), out.stderr
 
 
 @pytest.mark.parametrize(

@@ -32,23 +32,32 @@ def _cfg(tmp_path, shakespeare, **kw):
     )
 
 
-def test_second_preparation_is_a_cache_hit_without_reading(tmp_path, shakespeare, monkeypatch):
-    first = prepare_data(_cfg(tmp_path, shakespeare))
+@pytest.fixture(scope="module")
+def prepared(ray_data, shakespeare, tmp_path_factory):
+    """(cache folder, the test corpus prepared into it once): the cache tests prepare more
+    into the same folder, as a user's later sweeps would."""
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, prepare_data(_cfg(cache, shakespeare))
+
+
+def test_second_preparation_is_a_cache_hit_without_reading(prepared, shakespeare, monkeypatch):
+    cache, first = prepared
     assert not first.cache_hit and first.train_blocks > 1000 and first.validation_blocks > 10
-    mtimes = {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.npy")}
+    mtimes = {p: os.stat(p).st_mtime_ns for p in cache.rglob("*.npy")}
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a cache hit must not read or tokenize the documents")
 
     monkeypatch.setattr(data_module, "read_documents", no_reading)
-    second = prepare_data(_cfg(tmp_path, shakespeare))
+    second = prepare_data(_cfg(cache, shakespeare))
     assert second.cache_hit and second.path == first.path
-    assert {p: os.stat(p).st_mtime_ns for p in tmp_path.rglob("*.npy")} == mtimes
+    assert {p: os.stat(p).st_mtime_ns for p in cache.rglob("*.npy")} == mtimes
 
 
-def test_two_preparations_give_identical_shards(tmp_path, shakespeare):
-    one = prepare_data(_cfg(tmp_path / "one", shakespeare))
+def test_two_preparations_give_identical_shards(prepared, tmp_path, shakespeare):
+    _, one = prepared
     two = prepare_data(_cfg(tmp_path / "two", shakespeare))
+    assert not two.cache_hit
     for split in ("train", "validation"):
         assert load_blocks(one.path)[split][:].equal(load_blocks(two.path)[split][:])
 
@@ -88,21 +97,21 @@ def test_every_token_lands_in_one_block_and_no_document_in_both_splits(tmp_path)
         assert not (d.split()[5] in texts["train"].split() and d.split()[5] in texts["validation"].split())
 
 
-def test_seq_len_and_tokenizer_changes_miss(tmp_path, shakespeare):
-    base = prepare_data(_cfg(tmp_path, shakespeare))
-    other_len = prepare_data(_cfg(tmp_path, shakespeare, seq_len=32))
+def test_seq_len_and_tokenizer_changes_miss(prepared, shakespeare):
+    cache, base = prepared
+    other_len = prepare_data(_cfg(cache, shakespeare, seq_len=32))
     assert not other_len.cache_hit and other_len.fingerprint != base.fingerprint
     assert load_blocks(other_len.path)["train"][0].shape == (32,)
-    other_vocab = prepare_data(_cfg(tmp_path, shakespeare, vocab_size=2048))
+    other_vocab = prepare_data(_cfg(cache, shakespeare, vocab_size=2048))
     assert not other_vocab.cache_hit and other_vocab.vocab_size == 2048
     # A saved tokenizer folder is a different tokenizer too (the hub/local path route).
-    other_tok = prepare_data(_cfg(tmp_path, shakespeare, tokenizer=base.tokenizer_path))
+    other_tok = prepare_data(_cfg(cache, shakespeare, tokenizer=base.tokenizer_path))
     assert not other_tok.cache_hit and other_tok.fingerprint != base.fingerprint
     assert other_tok.train_blocks == base.train_blocks  # same tokens, same blocks
 
 
-def test_blocks_are_packed_token_ids(tmp_path, shakespeare):
-    prepared = prepare_data(_cfg(tmp_path, shakespeare))
+def test_blocks_are_packed_token_ids(prepared):
+    _, prepared = prepared
     blocks = load_blocks(prepared.path)
     assert blocks["train"][0].shape == (64,) and len(blocks["train"]) == prepared.train_blocks
     assert int(blocks["train"][:].max()) < prepared.vocab_size

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -86,31 +83,22 @@ def test_bad_sweeps_name_the_path(make_trial, search, path):
 
 
 def test_cli_dry_run_and_bad_file(make_trial, tmp_path):
+    from conftest import run_cli
+
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(_sweep(make_trial)))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.sweep", str(good), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "2 trials" in out.stdout and "relora.rank: grid [2, 4]" in out.stdout and "2 workers" in out.stdout
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.sweep", str(good), "--dry-run", "--set", "search.num_samples=3"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0 and "6 trials (2 grid points x 3 samples)" in out.stdout, out.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_sweep(make_trial, params={"relora.rank": {"grid": [0]}})))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.sweep", str(bad)], capture_output=True, text=True, timeout=120
+    refused, dry, samples = run_cli(  # the refusal first: a dry run may import Ray
+        "orchestrator.sweep",
+        [[str(bad)], [str(good), "--dry-run"], [str(good), "--dry-run", "--set", "search.num_samples=3"]],
     )
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
-    assert out.stderr.startswith("config error: search.params.relora.rank:")
+    assert dry["code"] == 0, dry["stderr"]
+    assert "2 trials" in dry["stdout"] and "relora.rank: grid [2, 4]" in dry["stdout"] and "2 workers" in dry["stdout"]
+    assert samples["code"] == 0 and "6 trials (2 grid points x 3 samples)" in samples["stdout"], samples["stderr"]
+    assert refused["code"] == 2 and not refused["ray_imported"]
+    assert refused["stderr"].strip().splitlines() == [refused["stderr"].strip()]
+    assert refused["stderr"].startswith("config error: search.params.relora.rank:")
 
 
 @pytest.mark.parametrize("name", ["demo", "rank", "restart", "reset", "ablation", "baselines"])
@@ -132,7 +120,7 @@ def test_gpus_per_worker_is_passed_as_given_and_bounded(make_trial):
     one_worker["scaling"] = {}
     spec = load_sweep(one_worker)
     assert spec.base_config.scaling.use_gpu is True and spec.base_config.scaling.gpus_per_worker == 0.5
-    assert "1 workers x (1 CPU, 0.5 GPU)" in describe(spec)  # --dry-run prints what Ray is asked for
+    assert "1 worker x (1 CPU, 0.5 GPU)" in describe(spec)  # --dry-run prints what Ray is asked for
     data = PreparedData("/data", "/tokenizer", "f", 256, 64, 100, 10, True)
     trainer = make_trainer(spec.base_config, data, name="t", storage_path="/tmp/unused")
     assert trainer.scaling_config.resources_per_worker["GPU"] == 0.5

@@ -70,7 +70,7 @@ def test_killed_sweep_resumes_and_records_every_trial_in_mlflow(
     deadline = time.time() + 900
     while not any(mid_run(r) for r in runs() if "tune_trial_id" in r.data.tags):
         assert first.poll() is None and time.time() < deadline, "no trial got past step 40"
-        time.sleep(1)
+        time.sleep(0.25)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = {r.data.tags["tune_trial_id"] for r in runs() if r.data.tags.get("status") == "completed"}
@@ -268,7 +268,7 @@ def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
         train__total_steps=60,
         train__eval_every=5,
         train__checkpoint_every=20,
-        train__micro_batch_size=8,  # one micro-batch per worker and step: this sweep is about ASHA's rungs
+        train__micro_batch_size=16,  # one micro-batch per step: this sweep is about ASHA's rungs
         run__name="fair",
         run__max_failures=0,
     )
@@ -345,7 +345,7 @@ def test_asha_never_judges_a_trial_inside_its_restart_spike(restart_period_sweep
 
 def test_baselines_compare_every_method_at_one_budget(data_cache, tmp_path):
     """search_spaces/baselines.yaml at CPU scale: full rank, LoRA after a warm start, ReLoRA and
-    GaLore (two LRs of its own) at one token budget, all on DDP. The summary puts each trial's
+    GaLore (an LR grid of its own, of one value here) at one token budget, all on DDP. The summary puts each trial's
     speed and one worker's memory beside its perplexity, and every trial is recorded whole."""
     from orchestrator.config import load_yaml
 
@@ -372,7 +372,7 @@ def test_baselines_compare_every_method_at_one_budget(data_cache, tmp_path):
             "full-rank": {"relora.method": "full"},
             "lora+warm-start": {"relora.method": "lora"},
             "relora": {},
-            "galore": {"relora.method": "galore", "relora.warm_start_steps": 0, "optim.lr": {"grid": [0.01, 0.003]}},
+            "galore": {"relora.method": "galore", "relora.warm_start_steps": 0, "optim.lr": {"grid": [0.01]}},
         },
         "scheduler": {"type": "none"},
         "max_concurrent_trials": 2,
@@ -397,13 +397,13 @@ def test_baselines_compare_every_method_at_one_budget(data_cache, tmp_path):
         for r in client.search_runs([experiment.experiment_id])
         if "variant" in r.data.params
     }
-    assert set(runs) == {"full-rank", "lora+warm-start", "relora", "galore lr=0.01", "galore lr=0.003"}
+    assert set(runs) == {"full-rank", "lora+warm-start", "relora", "galore lr=0.01"}
     for name, run in runs.items():
         assert run.data.tags["status"] == "completed" and run.data.tags.get("logged_model_id"), name
         assert run.data.params["train.engine"] == "ddp"
         val_ppl = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_ppl"), key=lambda m: m.step)]
         assert run.data.metrics["tokens_per_s"] > 0 and val_ppl[-1] < val_ppl[0] / 2, (name, val_ppl)
-    assert runs["galore lr=0.003"].data.params["optim.lr"] == "0.003"
+    assert runs["galore lr=0.01"].data.params["optim.lr"] == "0.01"  # the variant's grid, not the base's 0.003
     assert runs["relora"].data.tags["merges"] == "2"  # restarts at 20 and 30, on a plain torch AdamW
 
     def optimizer_bytes(name: str) -> float:  # one worker's, in its low-rank phase
@@ -413,7 +413,7 @@ def test_baselines_compare_every_method_at_one_budget(data_cache, tmp_path):
     # the methods differ in the target layers' state alone (1 MB of 5 MB here).
     full = optimizer_bytes("full-rank")
     assert optimizer_bytes("relora") == optimizer_bytes("lora+warm-start") < full
-    assert optimizer_bytes("galore lr=0.01") == optimizer_bytes("galore lr=0.003") < full
+    assert optimizer_bytes("galore lr=0.01") < full
     (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep_role = 'parent'")
     summary = Path(client.download_artifacts(parent.info.run_id, "summary.csv", str(tmp_path))).read_text()
     assert {"tokens_per_s", "memory_total_bytes", "memory_optimizer_bytes"} <= set(summary.splitlines()[0].split(","))

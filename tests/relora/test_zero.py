@@ -44,7 +44,11 @@ def _tiny_zero_engine(rank: int, world_size: int, stage: int, lr: float):
     return model, engine, zero_optimizer
 
 
-def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, out_dir: str) -> None:
+# (ZeRO stage, reset ratio, reset method): each case a fresh engine, all in one pair of ranks.
+RESET_CASES = [(2, 0.9, "magnitude"), (2, 0.5, "random"), (1, 0.99, "magnitude"), (3, 0.9, "magnitude")]
+
+
+def _reset_case(rank: int, world_size: int, stage: int, ratio: float, method: str) -> dict:
     model, engine, zero_optimizer = _tiny_zero_engine(rank, world_size, stage, lr=1e-3)
     generator = torch.Generator().manual_seed(100 + rank)
     for _ in range(STEPS):
@@ -83,23 +87,35 @@ def _worker(rank: int, world_size: int, stage: int, ratio: float, method: str, o
     ids = torch.randint(0, 256, (2, 16), generator=generator)
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
+    engine.destroy()
+    return report
+
+
+def _reset_worker(rank: int, world_size: int, out_dir: str) -> None:
+    reports = [_reset_case(rank, world_size, *case) for case in RESET_CASES]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(report, f)
+        json.dump(reports, f)
     torch.distributed.barrier()  # neither rank leaves while the other still talks to it
     torch.distributed.destroy_process_group()  # exiting with a gloo group alive may abort (SIGABRT)
 
 
-@pytest.mark.parametrize(
-    ("stage", "ratio", "method"),
-    [(2, 0.9, "magnitude"), (2, 0.5, "random"), (1, 0.99, "magnitude"), (3, 0.9, "magnitude")],
-)
-def test_reset_on_zero_partitions(tmp_path, monkeypatch, stage, ratio, method):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    mp.spawn(_worker, args=(2, stage, ratio, method, str(tmp_path)), nprocs=2, join=True)
+@pytest.fixture(scope="module")
+def reset_reports(tmp_path_factory) -> list[list[dict]]:
+    """Every reset case on one pair of ranks (a pair per case spent most of its time starting
+    Python and DeepSpeed): per case, each rank's report."""
+    out = tmp_path_factory.mktemp("resets")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DS_ACCELERATOR", "cpu")
+        env.setenv("MASTER_ADDR", "127.0.0.1")
+        env.setenv("MASTER_PORT", str(_free_port()))
+        mp.spawn(_reset_worker, args=(2, str(out)), nprocs=2, join=True)
+    by_rank = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [list(reports) for reports in zip(*by_rank, strict=True)]
 
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+@pytest.mark.parametrize(("stage", "ratio", "method"), RESET_CASES)
+def test_reset_on_zero_partitions(reset_reports, stage, ratio, method):
+    reports = reset_reports[RESET_CASES.index((stage, ratio, method))]
     for report in reports:
         assert report["adapter_groups"] >= 1 and report["other_groups"] >= 1
         assert report["zero_before"] / report["numel"] < 0.05, "the adapters' moments should be live before the reset"
