@@ -268,7 +268,7 @@ def restart_period_sweep(data_cache, tmp_path_factory) -> FinishedSweep:
         train__total_steps=60,
         train__eval_every=5,
         train__checkpoint_every=20,
-        train__micro_batch_size=8,  # one micro-batch per worker and step: this sweep is about ASHA's rungs
+        train__micro_batch_size=8,  # two micro-batches a step on its one worker
         run__name="fair",
         run__max_failures=0,
     )
