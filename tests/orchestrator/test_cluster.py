@@ -185,11 +185,26 @@ class NodeLossSweep:
     reached: int  # the last step its first attempt reported
 
 
+def checkpointed_steps(trials_dir: Path) -> dict[str, int]:
+    """Trial id -> the last step it has checkpointed, read from the shared storage: the workers
+    write there first, so this sees a trial's progress at once (its MLflow curves come seconds
+    later, through the driver's recorder)."""
+    steps: dict[str, int] = {}
+    for meta in trials_dir.glob("*/checkpoint_*/meta.json"):
+        try:
+            step = json.loads(meta.read_text())["step"]
+        except (OSError, ValueError, KeyError):  # still being written
+            continue
+        trial_id = meta.parent.parent.name
+        steps[trial_id] = max(step, steps.get(trial_id, 0))
+    return steps
+
+
 @pytest.fixture(scope="module")
 def node_loss_sweep(cluster, data_cache, tmp_path_factory) -> NodeLossSweep:
     """The README's `ray job submit` of a two-trial sweep, one trial per worker node; once one
-    trial is past two checkpoints (steps 30 and 40), its node is taken away: killed the way a
-    machine is lost. Both tests below read this one sweep (it takes about 2 minutes)."""
+    trial has written its step-50 checkpoint (of 80 steps), its node is taken away: killed the way
+    a machine is lost. Both tests below read this one sweep (it takes about 2 minutes)."""
     tmp_path = tmp_path_factory.mktemp("node-loss")
     spec = sweep_spec(tmp_path, data_cache, "node-loss", total_steps=80, ranks=[2, 4])
     log = (tmp_path / "job.log").open("w")
@@ -202,12 +217,14 @@ def node_loss_sweep(cluster, data_cache, tmp_path_factory) -> NodeLossSweep:
     deadline = time.time() + 600
     while True:
         assert job.poll() is None and time.time() < deadline, (tmp_path / "job.log").read_text()[-6000:]
-        placed = [r for r in trial_runs(client, "node-loss") if "ray_nodes" in r.data.tags]
-        past = [(max(steps), r) for r in placed if (steps := train_steps(r)) and max(steps) >= 45]
-        if past:
+        past = [trial for trial, step in checkpointed_steps(cluster.storage / "node-loss-trials").items() if step >= 50]
+        runs = trial_runs(client, "node-loss")
+        placed = {r.data.tags["tune_trial_id"]: r for r in runs if "ray_nodes" in r.data.tags}
+        if past and past[0] in placed:
             break
-        time.sleep(0.5)
-    reached, run = past[0]
+        time.sleep(0.2)
+    run = placed[past[0]]
+    reached = max(train_steps(run), default=0)
     (first_node,) = run.data.tags["ray_nodes"].split(",")
     killed = next(name for name, node_id in cluster.node_ids.items() if node_id == first_node)
     cluster.kill_node(killed)
