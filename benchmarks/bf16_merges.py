@@ -41,11 +41,12 @@ def run(rank: int, args, name: str, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     import deepspeed
 
+    from orchestrator.collectives import init_deepspeed_comm
     from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks
 
     bf16, compensate = RUNS[name]
     torch.set_num_threads(args.threads)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm()
     data = PreparedData(**json.loads(args.data))
     blocks = load_blocks(data.path)
     train_blocks, val_blocks = blocks[TRAIN][:], blocks[VALIDATION][:]

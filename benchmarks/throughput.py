@@ -27,7 +27,7 @@ import torch
 import torch.multiprocessing as mp
 
 import relora
-from orchestrator.collectives import barrier, sum_across_ranks
+from orchestrator.collectives import barrier, init_deepspeed_comm, sum_across_ranks
 
 METHODS = ("full", "lora", "relora")
 
@@ -101,7 +101,7 @@ def run_deepspeed(rank: int, args, method: str, port: int, out: Path) -> None:
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    init_deepspeed_comm()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -18,6 +18,24 @@ import torch
 import torch.distributed as dist
 
 
+def init_deepspeed_comm() -> None:
+    """DeepSpeed's process group (NCCL on GPUs, gloo on CPUs), without its CPU shared-memory op.
+
+    On CPUs DeepSpeed JIT-compiles `deepspeed_shm_comm` when it builds its backend: 35-50 s on a
+    2-core machine before the first step, once per venv path and $HOME (torch's extension cache
+    keys on both), so on every fresh node of a CPU cluster. The op serves only
+    `inference_all_reduce` (tensor-parallel inference), never ZeRO training: switch it off.
+    DeepSpeed keeps `deepspeed.ops.__compatible_ops__` as one dict so that edits persist.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+
+
 def check_served(device: torch.device, group=None) -> None:
     """Raise, naming the device and the backend, unless the group can run collectives on ``device``."""
     group = group or dist.group.WORLD

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import relora
-from orchestrator.collectives import gather_across_ranks, gather_objects, sum_across_ranks
+from orchestrator.collectives import gather_across_ranks, gather_objects, init_deepspeed_comm, sum_across_ranks
 from orchestrator.config import TrialConfig
 from orchestrator.data import TRAIN, VALIDATION, PreparedData, ShardSampler, load_blocks, local_data
 from orchestrator.ddp import DDPEngine
@@ -540,9 +540,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # DeepSpeed asserts on it
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_deepspeed_comm()
     cfg: TrialConfig = config["trial"]
     data = local_data(PreparedData(**config["data"]), cfg.data.cache_dir)
 

@@ -147,15 +147,15 @@ def _audited_worker(rank: int, world_size: int, port: int, trial: dict, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     import shutil
 
-    import deepspeed
     import pyarrow.fs
     import torch.distributed as dist
 
+    from orchestrator.collectives import init_deepspeed_comm
     from orchestrator.config import config_from_dict
     from orchestrator.data import cached_data
     from orchestrator.worker import Worker
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_deepspeed_comm()
     orchestrator = str(ROOT / "orchestrator")
     log: list = []
 
@@ -272,3 +272,38 @@ def test_the_helper_runs_on_nccl(tmp_path):
     result = json.loads((tmp_path / "nccl.json").read_text())
     assert result["sum"] == [1.5, 2.0] and result["gathered"] == [[0, 1, 2]] and result["objects"] == ["node"]
     assert "not cpu" in result["cpu"]
+
+
+# --- DeepSpeed's process group on CPUs ------------------------------------------------------
+
+
+def _deepspeed_rank(rank: int, port: int, extensions: str, out: str) -> None:
+    """A ZeRO-2 engine's first step on CPU, with torch's JIT extension cache pointed at ``extensions``."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=extensions)
+    import deepspeed
+    import deepspeed.comm.comm
+
+    import relora
+    from orchestrator.collectives import init_deepspeed_comm
+
+    init_deepspeed_comm()
+    model = relora.build_model("llama-tiny", vocab_size=256, max_position_embeddings=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    ids = torch.randint(0, 256, (2, 16))
+    engine.backward(model(input_ids=ids, labels=ids).loss)
+    engine.step()
+    Path(out).write_text(json.dumps({"shm_op": deepspeed.comm.comm.cdb.shm_comm_op is not None}))
+
+
+def test_deepspeed_on_cpu_compiles_no_op_before_the_first_step(tmp_path):
+    """DeepSpeed's CPU shared-memory all-reduce op serves tensor-parallel inference only, and its
+    JIT build cost each fresh machine 35-50 s before a trial's first step: it is switched off."""
+    from conftest import free_port
+
+    extensions, out = tmp_path / "torch_extensions", tmp_path / "rank0.json"
+    mp.spawn(_deepspeed_rank, args=(free_port(), str(extensions), str(out)), nprocs=1, join=True)
+    assert json.loads(out.read_text()) == {"shm_op": False}
+    assert not extensions.exists() or not any(extensions.rglob("*.so")), sorted(extensions.rglob("*"))

@@ -47,7 +47,9 @@ def _tiny_zero_engine(rank: int, world_size: int, stage: int, lr: float):
     )
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from orchestrator.collectives import init_deepspeed_comm
+
+    init_deepspeed_comm()
     torch.manual_seed(0)
     model = relora.wrap(relora.build_model("llama-tiny", vocab_size=256, max_position_embeddings=32), rank=4, alpha=8)
     groups = relora.param_groups(model)
