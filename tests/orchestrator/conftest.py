@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.mlflow_server import server_env
+
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -181,9 +183,10 @@ def start_mlflow_server(root: Path, host: str = "127.0.0.1", port: int | None = 
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db"]
         + ["--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", str(port), "--workers", "1"],
+        env=server_env(),  # as the head's server runs: no GenAI job runner
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its gunicorn/uvicorn and job workers go with it
+        start_new_session=True,  # its uvicorn workers go with it
     )
     uri = f"http://127.0.0.1:{port}"
 

@@ -66,6 +66,9 @@ def test_start_and_stop_by_pid_file(tmp_path, fake_gcs):
     family = start(folder, port, gcs)
     assert answers(port)
     assert (folder / "mlflow.db").is_file()
+    # No GenAI job runner (MLflow 3 starts seven processes for it) beside the trials on the head.
+    commands = [" ".join(p.cmdline()) for p in family if p.is_running()]
+    assert any("mlflow server" in c for c in commands) and not [c for c in commands if "mlflow.server.jobs" in c]
 
     # Starting again replaces the server rather than failing on the busy port.
     start(folder, port, gcs)
