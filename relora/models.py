@@ -6,7 +6,10 @@ does. ``vocab_size`` and ``max_position_embeddings`` follow the tokenizer and th
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # transformers' LLaMA costs 2-3 s to import: only the functions that build one do
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 # name: (hidden_size, intermediate_size, num_attention_heads, num_hidden_layers)
 MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -26,6 +29,8 @@ MODEL_SHAPES: dict[str, tuple[int, int, int, int]] = {
 
 def model_config(name: str, *, vocab_size: int = 32000, max_position_embeddings: int = 1024) -> LlamaConfig:
     """The ``LlamaConfig`` of the model called ``name`` (one of ``MODEL_SHAPES``)."""
+    from transformers import LlamaConfig
+
     if name not in MODEL_SHAPES:
         raise ValueError(f"model name {name!r} is unknown; choose one of {sorted(MODEL_SHAPES)}")
     hidden, intermediate, heads, layers = MODEL_SHAPES[name]
@@ -46,4 +51,6 @@ def model_config(name: str, *, vocab_size: int = 32000, max_position_embeddings:
 
 def build_model(name: str, *, vocab_size: int = 32000, max_position_embeddings: int = 1024) -> LlamaForCausalLM:
     """A freshly initialised ``LlamaForCausalLM`` of the size called ``name``."""
+    from transformers import LlamaForCausalLM
+
     return LlamaForCausalLM(model_config(name, vocab_size=vocab_size, max_position_embeddings=max_position_embeddings))

@@ -211,3 +211,18 @@ def test_the_token_budget_is_checked_against_the_prepared_tokens(make_trial):
         check_token_budget(cfg.token_budget, train_blocks=70 * 16 - 1, data=cfg.data)
     twice = config_from_dict({**make_trial(), "data": {**make_trial()["data"], "epochs": 2}})
     check_token_budget(twice.token_budget, train_blocks=35 * 16, data=twice.data)
+
+
+def test_the_processes_that_only_pass_a_trial_on_never_import_transformers():
+    """Tune's trial actor and Ray Train's controller unpickle the trial config, and start again for
+    every trial and every resume: importing transformers' LLaMA there cost each 2-3 s of CPU,
+    on the path to the first step. Only the workers, which build the model, import it."""
+    import subprocess
+    import sys
+
+    modules = "orchestrator.config, orchestrator.sweep, orchestrator.train, orchestrator.worker"
+    check = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]
+    built = "import sys, relora; relora.build_model('llama-tiny'); print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", built], capture_output=True, text=True).stdout.strip() == "True"
