@@ -540,8 +540,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
 
     os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))  # DeepSpeed asserts on it
-    init_deepspeed_comm()
     cfg: TrialConfig = config["trial"]
+    if cfg.engine == "deepspeed":  # DDP runs on the process group Ray Train made, without DeepSpeed's 3 s import
+        init_deepspeed_comm()
     data = local_data(PreparedData(**config["data"]), cfg.data.cache_dir)
 
     checkpoint = ray.train.get_checkpoint()
