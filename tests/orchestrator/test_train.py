@@ -321,6 +321,7 @@ def test_a_file_trial_runs_after_its_source_file_is_gone(local_ray, make_trial, 
         data__paths=[str(corpus)],
         data__cache_dir=str(tmp_path / "cache"),
         relora__method="full",
+        scaling__num_workers=1,  # what one worker reads, every worker reads
         train__total_steps=10,
         train__eval_every=10,
         train__checkpoint_every=10,
